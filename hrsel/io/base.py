@@ -1,0 +1,234 @@
+"""The one protocol every image backend follows (OpenSlide's conventions).
+
+(x, y) are level-0 pixel coordinates; (width, height) are pixels of the level
+read; sizes are (width, height) tuples; pixels come back as (h, w, c) uint8.
+A backend implements `_open` (the handle, opened lazily so sources pickle by
+path), `_describe` (the pyramid) and `_read` (an in-bounds window of a level);
+the base class does argument checks, edge padding, thumbnails and pickling.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hrsel.errors import ImageReadError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """What a backend reports about an image once it is open."""
+
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level
+    channels: int
+    level_downsamples: tuple[float, ...] | None = None  # None: from the dimensions
+    mpp: float | None = None
+
+
+class ImageSource:
+    """A lazily opened, picklable, thread-safe image with one or more levels."""
+
+    backend = "abstract"
+
+    def __init__(self, path: str | None = None, *, fill: int = 255):
+        if not 0 <= int(fill) <= 255:
+            raise ValueError(f"fill={fill} must be a uint8 value in [0, 255]")
+        self.path = path
+        self.fill = int(fill)
+        self._handle: Any = None
+        self._pyramid: Pyramid | None = None
+        self._lock = threading.Lock()
+
+    # ---- what a backend implements -------------------------------------------------
+    def _open(self) -> Any:
+        """Open and return the handle (called once per process, under a lock)."""
+        raise NotImplementedError
+
+    def _describe(self, handle: Any) -> Pyramid:
+        raise NotImplementedError
+
+    def _read(self, handle: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """(height, width, channels) uint8 from level pixels [y, y+h) x [x, x+w), all in bounds."""
+        raise NotImplementedError
+
+    def _close(self, handle: Any) -> None:
+        close = getattr(handle, "close", None)
+        if close is not None:
+            close()
+
+    # ---- lazy handle -----------------------------------------------------------------
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            with self._lock:
+                if self._handle is None:
+                    handle = self._open()
+                    self._pyramid = self._describe(handle)
+                    self._handle = handle
+        return self._handle
+
+    @property
+    def pyramid(self) -> Pyramid:
+        if self._pyramid is None:
+            self.handle  # noqa: B018 - opening fills the description
+        assert self._pyramid is not None
+        return self._pyramid
+
+    # ---- OpenSlide-like properties -----------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return len(self.pyramid.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.pyramid.level_dimensions
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.pyramid.level_dimensions[0]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        pyramid = self.pyramid
+        if pyramid.level_downsamples is not None:
+            return pyramid.level_downsamples
+        w0, h0 = pyramid.level_dimensions[0]
+        return tuple((w0 / w + h0 / h) / 2.0 for w, h in pyramid.level_dimensions)
+
+    @property
+    def channels(self) -> int:
+        return self.pyramid.channels
+
+    @property
+    def mpp(self) -> float | None:
+        return self.pyramid.mpp
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The deepest level whose downsample does not exceed `downsample`."""
+        best = 0
+        for level, d in enumerate(self.level_downsamples):
+            if d <= downsample + 1e-6:
+                best = level
+        return best
+
+    # ---- reading -----------------------------------------------------------------------
+    def check_level(self, level: int) -> int:
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (
+            0 <= level < self.level_count
+        ):
+            raise ImageReadError(
+                f"level={level!r} out of range for {self._name()}: it has {self.level_count} "
+                f"level(s), use 0..{self.level_count - 1}"
+            )
+        return int(level)
+
+    def read_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
+        """Pixels (height, width, channels) uint8 of `level`, top-left at level-0 (x, y).
+
+        Pixels outside the image are `fill`.
+        """
+        level = self.check_level(level)
+        downsample = self.level_downsamples[level]
+        lx = int(math.floor(x / downsample + 0.5))  # nearest level pixel
+        ly = int(math.floor(y / downsample + 0.5))
+        return self.read_level_region(lx, ly, width, height, level)
+
+    def read_level_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
+        """As `read_region` but with (x, y) in pixels of `level` (exact for any downsample)."""
+        level = self.check_level(level)
+        width, height = int(width), int(height)
+        if width <= 0 or height <= 0:
+            raise ImageReadError(
+                f"region size (width={width}, height={height}) of {self._name()} must be "
+                "positive; pass at least one pixel each way"
+            )
+        lx, ly = int(x), int(y)
+        level_w, level_h = self.level_dimensions[level]
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
+        inside = x0 == lx and y0 == ly and x1 == lx + width and y1 == ly + height
+        if inside:
+            return self._checked_read(level, lx, ly, width, height)
+        out = np.full((height, width, self.channels), self.fill, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            part = self._checked_read(level, x0, y0, x1 - x0, y1 - y0)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = part
+        return out
+
+    def _checked_read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        handle = self.handle
+        try:
+            region = self._read(handle, level, x, y, width, height)
+        except ImageReadError:
+            raise
+        except Exception as error:  # decoder errors from truncated or corrupt files
+            raise ImageReadError(
+                f"cannot read level {level} region x={x} y={y} {width}x{height} of {self._name()}: "
+                f"{type(error).__name__}: {error}. The file may be truncated or corrupt; "
+                "re-export or re-download it"
+            ) from error
+        expected = (height, width, self.channels)
+        if region.shape != expected or region.dtype != np.uint8:
+            raise ImageReadError(
+                f"{self.backend} backend returned {region.dtype} {region.shape} instead of uint8 "
+                f"{expected} for {self._name()}"
+            )
+        return region
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level (h, w, c); only sensible for small levels."""
+        level = self.check_level(level)
+        width, height = self.level_dimensions[level]
+        return self._checked_read(level, 0, 0, width, height)
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole image, block-averaged so its longer side is at most `max_size`."""
+        from hrsel.io.resize import thumbnail_from
+
+        if int(max_size) <= 0:
+            raise ValueError(f"thumbnail max_size={max_size} must be positive")
+        return thumbnail_from(self, int(max_size))
+
+    # ---- lifetime & pickling ------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                try:
+                    self._close(self._handle)
+                finally:
+                    self._handle = None
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None  # reopened lazily in the receiving process
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _name(self) -> str:
+        return repr(self.path) if self.path is not None else f"<in-memory {self.backend} image>"
+
+    def __repr__(self) -> str:
+        where = repr(self.path) if self.path is not None else "in-memory"
+        if self._pyramid is None:
+            return f"{type(self).__name__}({where})"
+        w, h = self.dimensions
+        return (
+            f"{type(self).__name__}({where}, {w}x{h}, levels={self.level_count}, "
+            f"channels={self.channels})"
+        )

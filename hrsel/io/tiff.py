@@ -1,0 +1,182 @@
+"""TIFF files (pyramidal, tiled or striped): a direct tile reader and tifffile's zarr store.
+
+tifffile's zarr store API moved over the years (`imread(aszarr=True)`,
+`TiffFile.aszarr()`, `tifffile.zarr.ZarrTiffStore`); `open_tiff_zarr` tries
+each so old and new tifffile releases, with zarr 2 or 3, keep working.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from hrsel.errors import ImageReadError, UnsupportedFormatError
+from hrsel.io.base import ImageSource, Pyramid
+
+logger = logging.getLogger(__name__)
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+class TiffZarr(NamedTuple):
+    node: Any  # a zarr Array (one level) or Group ('0', '1', ... levels)
+    tif: Any  # the open tifffile.TiffFile, closed with the source
+    store: Any
+    axes: str  # tifffile axes of the series, e.g. 'YXS'
+    mpp: float | None
+
+
+def _make_store(tifffile: Any, tif: Any, path: str) -> Any:
+    attempts = (
+        lambda: tif.aszarr(series=0),
+        lambda: tif.series[0].aszarr(),
+        lambda: __import__("tifffile.zarr", fromlist=["ZarrTiffStore"]).ZarrTiffStore(tif),
+        lambda: tifffile.imread(path, aszarr=True),
+    )
+    errors = []
+    for attempt in attempts:
+        try:
+            return attempt()
+        except (AttributeError, TypeError, ImportError) as error:
+            errors.append(f"{type(error).__name__}: {error}")
+    raise RuntimeError("no tifffile zarr store API found: " + "; ".join(errors))
+
+
+def tiff_mpp(page: Any) -> float | None:
+    """Microns per pixel from an Aperio description or the resolution tags, else None."""
+    description = str(getattr(page, "description", "") or "")
+    match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
+    if match:
+        return float(match.group(1))
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    numerator, denominator = tags["XResolution"].value
+    unit = int(tags["ResolutionUnit"].value)
+    if not numerator or not denominator:
+        return None
+    per_unit = numerator / denominator
+    microns = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
+    if microns is None or per_unit <= 1:
+        return None
+    return microns / per_unit
+
+
+def check_complete(tif: Any, path: str, series: Any) -> None:
+    """Raise if any tile or strip of the series' levels lies past the end of the file."""
+    size = tif.filehandle.size
+    for level in getattr(series, "levels", [series]):
+        for page in level.pages:
+            if page is None:
+                continue
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+            if ends and max(ends) > size:
+                raise EOFError(
+                    f"{path!r} is truncated: image data ends at byte {max(ends)} but the file has "
+                    f"{size} bytes; re-copy or re-download it"
+                )
+
+
+def open_tiff_zarr(path: str) -> TiffZarr:
+    import tifffile
+    import zarr
+
+    tif = tifffile.TiffFile(path)
+    try:
+        series = tif.series[0]
+        check_complete(tif, path, series)
+        store = _make_store(tifffile, tif, path)
+        node = zarr.open(store, mode="r")
+        return TiffZarr(node, tif, store, series.axes, tiff_mpp(series.pages[0]))
+    except Exception:
+        tif.close()
+        raise
+
+
+class TiffPages(NamedTuple):
+    tif: Any
+    fd: int  # a raw descriptor for os.pread: thread-safe reads without tifffile's lock
+    pages: list  # the key page of every level, largest first
+
+
+class TiffSource(ImageSource):
+    """Tiled or striped TIFF (pyramids included) read segment by segment with tifffile.
+
+    Reads need no shared lock (os.pread + tifffile's GIL-free decoders), so
+    several threads decode in parallel. Layouts it does not handle (planar
+    separate samples, volumes, non-uint8) raise `UnsupportedFormatError`;
+    `open_image` then falls back to `ZarrSource`, which reads any TIFF.
+    """
+
+    backend = "tiff"
+
+    def __init__(self, path: str | os.PathLike, *, fill: int = 255):
+        super().__init__(os.fspath(path), fill=fill)
+
+    def _open(self) -> TiffPages:
+        import tifffile
+
+        if not os.path.exists(self.path):
+            raise ImageReadError(f"no such file: {self.path!r}; check the path")
+        try:
+            tif = tifffile.TiffFile(self.path)
+        except Exception as error:
+            raise ImageReadError(
+                f"tifffile cannot open {self.path!r}: {error}. The file may be truncated or corrupt"
+            ) from error
+        try:
+            series = tif.series[0]
+            check_complete(tif, self.path, series)
+            pages = [level.keyframe for level in getattr(series, "levels", [series])]
+            for page in pages:
+                if page.dtype != np.uint8 or page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+                    raise UnsupportedFormatError(
+                        f"{self.path!r}: TiffSource reads 2-D uint8 contiguous TIFFs, this one has "
+                        f"dtype {page.dtype}, depth {page.imagedepth}, planarconfig {page.planarconfig}; "
+                        "use ZarrSource"
+                    )
+            return TiffPages(tif, os.open(self.path, os.O_RDONLY), pages)
+        except EOFError as error:
+            tif.close()
+            raise ImageReadError(str(error)) from error
+        except Exception:
+            tif.close()
+            raise
+
+    def _describe(self, handle: TiffPages) -> Pyramid:
+        dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in handle.pages)
+        return Pyramid(dims, channels=int(handle.pages[0].samplesperpixel), mpp=tiff_mpp(handle.pages[0]))
+
+    def _read(self, handle: TiffPages, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        page = handle.pages[level]
+        seg_h = page.tilelength if page.is_tiled else min(page.rowsperstrip, page.imagelength)
+        seg_w = page.tilewidth if page.is_tiled else page.imagewidth
+        cols = -(-page.imagewidth // seg_w)
+        out = np.empty((height, width, page.samplesperpixel), dtype=np.uint8)
+        for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
+            for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
+                index = row * cols + col
+                segment = self._segment(handle.fd, page, index)  # (seg rows, seg cols, S)
+                top, left = row * seg_h, col * seg_w
+                y0, y1 = max(y, top), min(y + height, top + segment.shape[0])
+                x0, x1 = max(x, left), min(x + width, left + segment.shape[1])
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = segment[y0 - top : y1 - top, x0 - left : x1 - left]
+        return out
+
+    def _segment(self, fd: int, page: Any, index: int) -> np.ndarray:
+        count = page.databytecounts[index]
+        if not count:  # a sparse TIFF's missing tile
+            shape = (page.tilelength or page.rowsperstrip, page.tilewidth or page.imagewidth, page.samplesperpixel)
+            return np.full(shape, self.fill, dtype=np.uint8)
+        data = os.pread(fd, count, page.dataoffsets[index])
+        if len(data) != count:
+            raise EOFError(f"segment {index} of {self.path!r} is cut short; the file is truncated")
+        decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        return decoded.reshape(-1, decoded.shape[-2], decoded.shape[-1])
+
+    def _close(self, handle: TiffPages) -> None:
+        os.close(handle.fd)
+        handle.tif.close()

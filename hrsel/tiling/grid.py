@@ -1,0 +1,171 @@
+"""`PatchGrid`: the level-0 top-left corners of every patch, in raster order, optionally masked."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from hrsel.tiling.kernels import box_fractions, grid_coords
+
+
+def _count(extent: int, patch: int, stride: int, cover: bool) -> int:
+    """Patches along one axis of `extent` padded pixels."""
+    if extent < patch:
+        return 1 if cover and extent > 0 else 0
+    if cover:
+        return -(-(extent - patch) // stride) + 1
+    return (extent - patch) // stride + 1
+
+
+class PatchGrid:
+    """Patches of `patch_size` level pixels every `stride` level pixels, coordinates at level 0.
+
+    `padding` level pixels are added on every side (patches may start at -padding);
+    `cover=True` adds a last, partly outside patch so every pixel is covered.
+    A masked grid (`with_mask`) keeps a subset: `.indices` are its positions in
+    the full raster grid and `.coords` only the kept corners.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        patch_size: int,
+        stride: int | None = None,
+        level: int = 0,
+        downsample: float = 1.0,
+        padding: int = 0,
+        level_size: tuple[int, int] | None = None,
+        cover: bool = False,
+    ):
+        stride = patch_size if stride is None else stride
+        if patch_size <= 0 or stride <= 0 or padding < 0 or downsample <= 0:
+            raise ValueError(
+                f"PatchGrid needs patch_size > 0, stride > 0, padding >= 0, downsample > 0; got "
+                f"patch_size={patch_size}, stride={stride}, padding={padding}, downsample={downsample}"
+            )
+        width, height = map(int, image_size)
+        if level_size is None:
+            level_size = (int(width / downsample + 1e-6), int(height / downsample + 1e-6))
+        self.image_size = (width, height)
+        self.level_size = tuple(map(int, level_size))
+        self.patch_size, self.stride, self.padding = int(patch_size), int(stride), int(padding)
+        self.level, self.downsample, self.cover = int(level), float(downsample), bool(cover)
+        cols = _count(self.level_size[0] + 2 * padding, self.patch_size, self.stride, cover)
+        rows = _count(self.level_size[1] + 2 * padding, self.patch_size, self.stride, cover)
+        self.shape = (rows, cols)
+        self.level_coords = grid_coords(rows, cols, self.stride, self.padding)  # (n, 2) level px
+        self.indices = np.arange(rows * cols, dtype=np.int64)
+
+    @classmethod
+    def for_source(
+        cls,
+        source: Any,
+        *,
+        patch_size: int,
+        stride: int | None = None,
+        level: int = 0,
+        padding: int = 0,
+        cover: bool = False,
+        min_tissue_fraction: float | None = None,
+        mask_size: int = 1024,
+    ) -> "PatchGrid":
+        """The grid over an `ImageSource` at `level`; with `min_tissue_fraction`, Otsu-masked."""
+        level = source.check_level(level)
+        grid = cls(
+            image_size=source.dimensions,
+            patch_size=patch_size,
+            stride=stride,
+            level=level,
+            downsample=source.level_downsamples[level],
+            padding=padding,
+            level_size=source.level_dimensions[level],
+            cover=cover,
+        )
+        if min_tissue_fraction is not None:
+            grid = grid.with_mask(source=source, min_tissue_fraction=min_tissue_fraction, mask_size=mask_size)
+        return grid
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(n, 2) int64 (x, y) level-0 top-left corners."""
+        return np.rint(self.level_coords * self.downsample).astype(np.int64)
+
+    @property
+    def patch_size_level0(self) -> float:
+        return self.patch_size * self.downsample
+
+    def boxes(self) -> np.ndarray:
+        """(n, 4) float64 level-0 (x0, y0, x1, y1) of every patch."""
+        corners = self.level_coords * self.downsample
+        return np.concatenate([corners, corners + self.patch_size_level0], axis=1)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def subset(self, keep: np.ndarray) -> "PatchGrid":
+        """A grid with the patches where `keep` (bool (n,) or positions) selects, order kept."""
+        keep = np.asarray(keep)
+        if keep.dtype == np.bool_ and keep.shape != (len(self),):
+            raise ValueError(f"boolean keep must have shape ({len(self)},), got {keep.shape}")
+        grid = object.__new__(PatchGrid)
+        grid.__dict__.update(self.__dict__)
+        grid.level_coords = self.level_coords[keep]
+        grid.indices = self.indices[keep]
+        return grid
+
+    def with_mask(
+        self,
+        mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+        *,
+        source: Any = None,
+        min_tissue_fraction: float = 0.5,
+        mask_size: int = 1024,
+        foreground: str = "dark",
+    ) -> "PatchGrid":
+        """Keep patches whose foreground fraction is >= `min_tissue_fraction`.
+
+        `mask` is a 2-D bool array spanning the whole level-0 image (any scale),
+        or a function of the (n, 2) level-0 coords returning bool (n,). Without
+        one, an Otsu mask of `source`'s thumbnail (longer side `mask_size`) is used.
+        """
+        if callable(mask):
+            keep = np.asarray(mask(self.coords), dtype=bool)
+            if keep.shape != (len(self),):
+                raise ValueError(f"mask function must return bool ({len(self)},), got {keep.shape}")
+            return self.subset(keep)
+        if mask is None:
+            if source is None:
+                raise ValueError("with_mask needs a mask array, a mask function or source=")
+            from hrsel.tiling.mask import tissue_mask
+
+            mask = tissue_mask(source, max_size=mask_size, foreground=foreground)
+        fractions = self.tissue_fractions(np.asarray(mask))
+        return self.subset(fractions >= min_tissue_fraction)
+
+    def tissue_fractions(self, mask: np.ndarray) -> np.ndarray:
+        """(n,) fraction of each patch covered by True pixels of a whole-image 2-D mask."""
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be 2-D (h, w) over the whole image, got shape {mask.shape}")
+        scale_x = mask.shape[1] / self.image_size[0]  # mask pixels per level-0 pixel
+        scale_y = mask.shape[0] / self.image_size[1]
+        boxes = self.boxes() * np.array([scale_x, scale_y, scale_x, scale_y])
+        boxes = np.rint(boxes).astype(np.int64)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)  # a patch covers >= 1 mask pixel
+        return box_fractions(mask, boxes)
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        return (
+            f"PatchGrid({len(self)} of {rows}x{cols} patches of {self.patch_size} px, stride {self.stride}, "
+            f"level {self.level} (downsample {self.downsample:g}), image {self.image_size[0]}x{self.image_size[1]})"
+        )
+
+
+def grid_shape(extent: tuple[int, int], patch_size: int, stride: int, padding: int = 0) -> tuple[int, int]:
+    """(rows, cols) of a grid over an (width, height) extent; the arithmetic of `PatchGrid`."""
+    return (
+        _count(extent[1] + 2 * padding, patch_size, stride, False),
+        _count(extent[0] + 2 * padding, patch_size, stride, False),
+    )
+

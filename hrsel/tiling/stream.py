@@ -1,0 +1,182 @@
+"""Stream every patch of a grid in chunks, read by a thread pool with bounded prefetch.
+
+Memory in flight is at most (prefetch + 1) chunks of (chunk_size, C, p, p)
+uint8, whatever the image size. Patches next to each other on a grid row are
+read with one `read_level_region` call and cut with the Numba kernel.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+
+import numpy as np
+
+from hrsel.io import ArraySource, ImageSource, open_image
+from hrsel.tiling.grid import PatchGrid
+from hrsel.tiling.kernels import extract_patches
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_RUN = 16  # patches of one grid row read by a single region call
+
+
+class PatchChunk(NamedTuple):
+    indices: np.ndarray  # (n,) int64 positions in the grid (rows of grid.coords)
+    coords: np.ndarray  # (n, 2) int64 level-0 (x, y) top-left corners
+    patches: "torch.Tensor"  # (n, C, p, p) uint8
+
+
+def as_source(source_or_array: Any, fill: int | None = None) -> ImageSource:
+    if isinstance(source_or_array, ImageSource):
+        return source_or_array
+    if fill is None:
+        return open_image(source_or_array)
+    return open_image(source_or_array, fill=fill)
+
+
+def _check_grid(source: ImageSource, grid: PatchGrid) -> None:
+    level = source.check_level(grid.level)
+    if tuple(grid.image_size) != tuple(source.dimensions) or tuple(grid.level_size) != tuple(
+        source.level_dimensions[level]
+    ):
+        raise ValueError(
+            f"grid {grid} does not match {source!r} (level-0 size {source.dimensions}, level "
+            f"{level} size {source.level_dimensions[level]}); build it with PatchGrid.for_source"
+        )
+
+
+def row_runs(level_coords: np.ndarray, stride: int, patch_size: int, max_run: int = MAX_RUN) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive patches on one row, `stride` apart, to read at once."""
+    n = level_coords.shape[0]
+    if n == 0:
+        return []
+    if stride > 2 * patch_size:  # gaps would waste most of a joint read
+        return [(i, i + 1) for i in range(n)]
+    same_row = level_coords[1:, 1] == level_coords[:-1, 1]
+    adjacent = same_row & (level_coords[1:, 0] - level_coords[:-1, 0] == stride)
+    runs, start = [], 0
+    for i in range(1, n):
+        if not adjacent[i - 1] or i - start >= max_run:
+            runs.append((start, i))
+            start = i
+    runs.append((start, n))
+    return runs
+
+
+def _read_run(source: ImageSource, grid: PatchGrid, level_coords: np.ndarray, out: np.ndarray) -> None:
+    """Fill out (m, C, p, p) with the m patches of one row run starting at level_coords[0]."""
+    p, m = grid.patch_size, level_coords.shape[0]
+    x0, y0 = int(level_coords[0, 0]), int(level_coords[0, 1])
+    width = int(level_coords[-1, 0] - x0) + p
+    region = source.read_level_region(x0, y0, width, p, grid.level)  # (p, width, C)
+    local = level_coords - level_coords[:1]  # (m, 2) offsets inside the region
+    extract_patches(region, local, p, out=out, parallel=False)
+    assert m == out.shape[0]
+
+
+def _in_memory(source: ImageSource, grid: PatchGrid) -> bool:
+    return isinstance(source, ArraySource) and grid.level == 0
+
+
+def stream_patches(
+    source_or_array: Any,
+    grid: PatchGrid,
+    *,
+    chunk_size: int,
+    workers: int = 2,
+    prefetch: int = 2,
+    fill: int | None = None,
+) -> Iterator[PatchChunk]:
+    """Yield `PatchChunk`s covering `grid` in order; the next chunks are read while you work.
+
+    `workers` threads read regions (0: read in the calling thread); at most
+    `prefetch` chunks are read ahead. `fill` applies when an array is wrapped.
+    """
+    import torch
+
+    if chunk_size <= 0 or workers < 0 or prefetch < 0:
+        raise ValueError(f"need chunk_size > 0, workers >= 0, prefetch >= 0; got {chunk_size}, {workers}, {prefetch}")
+    source = as_source(source_or_array, fill)
+    _check_grid(source, grid)
+    starts = list(range(0, len(grid), chunk_size))
+    if _in_memory(source, grid):  # one parallel Numba call per chunk, nothing to prefetch
+        image = source.array
+        for start in starts:
+            sl = slice(start, start + chunk_size)
+            patches = extract_patches(image, grid.level_coords[sl], grid.patch_size, fill=source.fill)
+            yield PatchChunk(np.arange(sl.start, sl.start + len(patches), dtype=np.int64), grid.coords[sl],
+                             torch.from_numpy(patches))
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hrsel-read") if workers > 0 else None
+    pending: deque[tuple[int, np.ndarray, list[Future]]] = deque()
+
+    def submit(start: int) -> None:
+        level_coords = grid.level_coords[start : start + chunk_size]
+        buffer = np.empty((len(level_coords), source.channels, grid.patch_size, grid.patch_size), dtype=np.uint8)
+        futures = []
+        for a, b in row_runs(level_coords, grid.stride, grid.patch_size):
+            args = (source, grid, level_coords[a:b], buffer[a:b])
+            if pool is None:
+                _read_run(*args)
+            else:
+                futures.append(pool.submit(_read_run, *args))
+        pending.append((start, buffer, futures))
+
+    try:
+        queue = deque(starts)
+        ahead = prefetch if pool is not None else 0
+        while queue or pending:
+            if not pending:
+                submit(queue.popleft())
+            start, buffer, futures = pending.popleft()
+            for future in futures:
+                future.result()  # re-raises a read error here, in the consumer
+            while queue and len(pending) < ahead:
+                submit(queue.popleft())  # `prefetch` chunks read while the consumer works
+            stop = start + buffer.shape[0]
+            yield PatchChunk(np.arange(start, stop, dtype=np.int64), grid.coords[start:stop], torch.from_numpy(buffer))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_patches(
+    source: Any,
+    coords: Any,
+    size: int,
+    level: int = 0,
+    *,
+    workers: int = 0,
+    fill: int | None = None,
+) -> "torch.Tensor":
+    """(n, C, size, size) uint8 patches with level-0 top-left `coords` (n, 2) (x, y), read at `level`."""
+    import torch
+
+    source = as_source(source, fill)
+    level = source.check_level(level)
+    coords = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must be (n, 2) level-0 (x, y), got shape {coords.shape}")
+    coords = coords.astype(np.int64)
+    if size <= 0:
+        raise ValueError(f"patch size must be positive, got {size}")
+    if isinstance(source, ArraySource) and level == 0:
+        return torch.from_numpy(extract_patches(source.array, coords, size, fill=source.fill))
+    out = np.empty((coords.shape[0], source.channels, size, size), dtype=np.uint8)
+
+    def read_one(i: int) -> None:
+        region = source.read_region(int(coords[i, 0]), int(coords[i, 1]), size, size, level)
+        out[i] = region.transpose(2, 0, 1)  # (h, w, C) -> (C, h, w)
+
+    if workers > 0 and coords.shape[0] > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hrsel-read") as pool:
+            list(pool.map(read_one, range(coords.shape[0])))
+    else:
+        for i in range(coords.shape[0]):
+            read_one(i)
+    return torch.from_numpy(out)
