@@ -1,0 +1,231 @@
+"""Generate Megapixel MNIST (the ATS task as extended by IPS) into lazily readable zarr arrays.
+
+Each image: an H x W canvas, 5 MNIST digits (3 of a target class, 2 of other classes)
+placed without overlap, optionally `n_noise` line-scribble patterns drawn first; later
+patches overwrite earlier ones, so digits sit on top of the noise. Labels:
+`majority` (the target class), `max` (largest digit), `top` (digit with the smallest
+row) and `multi` (10-dim multi-hot of the digits present). The random layout of a
+split comes from `seed + int(split == "train")`, drawn in the main process, so the
+data set does not depend on the number of workers.
+
+On disk (`out/`): `parameters.json` (written last: its presence marks a complete
+data set), and per split `train/labels.json` plus `train/images.zarr/00000`, ... one
+chunked compressed (H, W, 1) uint8 zarr array per image. Images are rendered in bands
+of rows and blank chunks are not stored, so 20000^2 canvases need O(band) memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from hrsel.data.digits import DigitPools
+from hrsel.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DIGIT = 28  # MNIST digit side, also the noise pattern side
+FORMAT = "hrsel-megapixel-mnist/1"
+_BAND_BYTES = 64 << 20  # rows rendered at once: at most ~64 MiB per band
+
+
+@dataclass
+class SplitLayout:
+    """Everything random about one split; images are a pure function of it and the pools."""
+
+    digit_index: np.ndarray  # (N, 5) indices into the split's digit pool
+    digit_label: np.ndarray  # (N, 5) their labels; the first three are the target class
+    positions: np.ndarray  # (N, 5, 2) top-left (y, x) of each digit
+    noise_positions: np.ndarray  # (N, n_noise, 2) top-left (y, x); n_noise may be 0
+    noise_index: np.ndarray  # (N, n_noise) which pattern each placement uses
+    noise_patterns: np.ndarray  # (P, 28, 28) uint8
+
+    def labels(self) -> dict[str, list]:
+        top = self.digit_label[np.arange(len(self.digit_label)), self.positions[:, :, 0].argmin(1)]
+        multi = np.zeros((len(self.digit_label), 10), dtype=np.int64)
+        np.put_along_axis(multi, self.digit_label, 1, axis=1)
+        return {
+            "majority": self.digit_label[:, 0].tolist(),
+            "max": self.digit_label.max(1).tolist(),
+            "top": top.tolist(),
+            "multi": multi.tolist(),
+            "digits": self.digit_label.tolist(),
+            "positions": self.positions.tolist(),
+        }
+
+
+def make_noise_patterns(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 28, 28) uint8 scribbles: one or two straight strokes, intensity x U[0.8, 1]."""
+    patterns = np.zeros((n, DIGIT, DIGIT), dtype=np.float64)
+    t = np.linspace(0.0, 1.0, 4 * DIGIT)
+    for pattern in patterns:
+        for _ in range(int(rng.integers(1, 3))):
+            (y0, x0), (y1, x1) = rng.uniform(0, DIGIT - 1, size=(2, 2))
+            ys = np.rint(y0 + t * (y1 - y0)).astype(int)
+            xs = np.rint(x0 + t * (x1 - x0)).astype(int)
+            pattern[ys, xs] = 1.0
+    patterns *= rng.uniform(0.8, 1.0, size=patterns.shape)
+    return np.rint(255 * patterns).astype(np.uint8)
+
+
+def _place_digits(rng: np.random.Generator, height: int, width: int, count: int = 5) -> np.ndarray:
+    placed: list[np.ndarray] = []
+    for _ in range(10_000):
+        pos = rng.integers(0, [height - DIGIT + 1, width - DIGIT + 1])
+        if all(np.any(np.abs(pos - other) >= DIGIT) for other in placed):
+            placed.append(pos)
+            if len(placed) == count:
+                return np.stack(placed)
+    raise DataError(f"cannot place {count} non-overlapping {DIGIT}x{DIGIT} digits on a "
+                    f"{height}x{width} canvas; use a larger --width/--height")
+
+
+def sample_layout(labels: np.ndarray, *, n: int, height: int, width: int, noise: bool,
+                  n_noise: int, seed: int) -> SplitLayout:
+    """Draw the layout of `n` images from a pool with digit `labels` (n_pool,)."""
+    if noise and min(height, width) <= 2 * DIGIT:
+        raise DataError(f"noise needs a canvas larger than {2 * DIGIT} px; got {height}x{width}")
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    not_class = [np.flatnonzero(labels != c) for c in range(10)]
+    missing = [c for c in range(10) if len(by_class[c]) == 0]
+    if missing:
+        raise DataError(f"the digit pool has no digit of class {missing}; it needs all ten")
+    index = np.empty((n, 5), dtype=np.int64)
+    target = rng.integers(0, 10, size=n)
+    for i, c in enumerate(target):
+        index[i, :3] = rng.choice(by_class[c], size=3)
+        index[i, 3:] = rng.choice(not_class[c], size=2)
+    positions = np.stack([_place_digits(rng, height, width) for _ in range(n)]) if n else np.zeros((0, 5, 2), int)
+    k = n_noise if noise else 0
+    patterns = make_noise_patterns(rng, max(k, 1))
+    noise_positions = rng.integers(DIGIT, [height - DIGIT, width - DIGIT], size=(n, k, 2))
+    noise_index = rng.integers(0, len(patterns), size=(n, k))
+    return SplitLayout(index, labels[index], positions.astype(np.int64), noise_positions, noise_index, patterns)
+
+
+def render_rows(layout: SplitLayout, pool: np.ndarray, item: int, rows: tuple[int, int], width: int) -> np.ndarray:
+    """Rows [y0, y1) of image `item` as (y1 - y0, width) uint8: noise first, digits on top."""
+    y0, y1 = rows
+    band = np.zeros((y1 - y0, width), dtype=np.uint8)
+    patches = [(p, layout.noise_patterns[j]) for p, j in zip(layout.noise_positions[item], layout.noise_index[item])]
+    patches += [(p, pool[j]) for p, j in zip(layout.positions[item], layout.digit_index[item])]
+    for (y, x), patch in patches:
+        top, bottom = max(y, y0), min(y + DIGIT, y1)
+        if top < bottom:
+            band[top - y0:bottom - y0, x:x + DIGIT] = patch[top - y:bottom - y, :width - x]
+    return band
+
+
+def write_image(path: Path, layout: SplitLayout, pool: np.ndarray, item: int, *,
+                height: int, width: int, chunk: int) -> None:
+    """Render image `item` band by band into a chunked compressed zarr array at `path`."""
+    import zarr
+
+    array = zarr.open_array(store=str(path), mode="w", shape=(height, width, 1),
+                            chunks=(chunk, chunk, 1), dtype="uint8", fill_value=0)
+    band = max(chunk, _BAND_BYTES // max(width, 1) // chunk * chunk)
+    for y0 in range(0, height, band):
+        y1 = min(y0 + band, height)
+        array[y0:y1, :, 0] = render_rows(layout, pool, item, (y0, y1), width)
+
+
+_WORKER: dict = {}  # per process: split -> (layout, digit pool, images folder), and the parameters
+
+
+def _init_worker(splits: dict[str, tuple[SplitLayout, np.ndarray, str]], params: "MegapixelParameters") -> None:
+    _WORKER.update(splits=splits, params=params)
+
+
+def _write_items(split: str, items: list[int]) -> int:
+    layout, pool, folder = _WORKER["splits"][split]
+    p = _WORKER["params"]
+    for item in items:
+        write_image(Path(folder) / f"{item:05d}", layout, pool, item, height=p.height, width=p.width, chunk=p.chunk)
+    return len(items)
+
+
+@dataclass(frozen=True)
+class MegapixelParameters:
+    width: int = 1500
+    height: int = 1500
+    n_train: int = 5000
+    n_test: int = 1000
+    noise: bool = True
+    n_noise: int = 50
+    seed: int = 0
+    chunk: int = 512
+
+
+def generate_megapixel_mnist(out_dir: str | os.PathLike, pools: DigitPools, *,
+                             params: MegapixelParameters = MegapixelParameters(),
+                             workers: int = 1, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the train and test splits and `parameters.json` under `out_dir`; returns it."""
+    out = Path(out_dir)
+    if (out / "parameters.json").exists() and not overwrite:
+        raise DataError(f"{out} already holds a Megapixel MNIST data set; pass overwrite=True (--overwrite) "
+                        "or choose another folder")
+    if min(params.width, params.height) < DIGIT or params.chunk < 1:
+        raise DataError(f"canvas {params.height}x{params.width} must be at least {DIGIT} px and chunk >= 1")
+    (out / "parameters.json").unlink(missing_ok=True)
+    splits = {}
+    for split, n in (("train", params.n_train), ("test", params.n_test)):
+        images, labels = pools.split(split)
+        layout = sample_layout(labels, n=n, height=params.height, width=params.width, noise=params.noise,
+                               n_noise=params.n_noise, seed=params.seed + int(split == "train"))
+        splits[split] = (layout, images, str(_fresh_split_folder(out / split)))
+    _write_images(splits, params, workers=workers, progress=progress)
+    for split, (layout, _, _) in splits.items():
+        (out / split / "labels.json").write_text(json.dumps(layout.labels()))
+    meta = {**asdict(params), "format": FORMAT, "digits": pools.source, "digits_note": pools.note,
+            "tasks": {"majority": "multiclass:10", "max": "multiclass:10", "top": "multiclass:10",
+                      "multi": "multilabel:10"}}
+    (out / "parameters.json").write_text(json.dumps(meta, indent=2))
+    log.info("Megapixel MNIST written to %s (%d train, %d test, digits: %s)", out, params.n_train, params.n_test,
+             pools.source)
+    return out
+
+
+def _fresh_split_folder(folder: Path) -> Path:
+    """An empty `folder/images.zarr` group; refuses to delete a folder that is not generator output."""
+    import zarr
+
+    if folder.exists():
+        if any(p.name not in ("images.zarr", "labels.json") for p in folder.iterdir()):
+            raise DataError(f"{folder} holds files that are not Megapixel MNIST output; choose an empty folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    zarr.open_group(str(folder / "images.zarr"), mode="w")
+    return folder / "images.zarr"
+
+
+def _write_images(splits: dict[str, tuple[SplitLayout, np.ndarray, str]], params: MegapixelParameters, *,
+                  workers: int, progress: bool) -> None:
+    """Render every image of every split, in batches of 8, in this process or a pool of `workers`."""
+    from tqdm.auto import tqdm
+
+    tasks = [(split, list(range(i, min(i + 8, len(layout.digit_index)))))
+             for split, (layout, _, _) in splits.items() for i in range(0, len(layout.digit_index), 8)]
+    total = sum(len(items) for _, items in tasks)
+    if not tasks:
+        return
+    with tqdm(total=total, unit="img", desc="megapixel mnist", disable=not progress) as bar:
+        if workers <= 1:
+            _init_worker(splits, params)
+            try:
+                for split, items in tasks:
+                    bar.update(_write_items(split, items))
+            finally:
+                _WORKER.clear()
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                     initargs=(splits, params)) as ex:
+                for done in ex.map(_write_items, *zip(*tasks)):
+                    bar.update(done)

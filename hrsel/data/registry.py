@@ -1,0 +1,35 @@
+"""`build_dataset(name, split=..., root=..., **options)`: data sets by name, imported lazily."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from hrsel.registry import Registry
+
+DATASETS = Registry("dataset")
+
+
+def _lazy(module: str, attribute: str) -> Callable[..., Any]:
+    def build(**kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"hrsel.data.{module}"), attribute)(**kwargs)
+
+    build.__name__ = f"build_{attribute}"
+    build.__doc__ = f"Build `hrsel.data.{module}.{attribute}` (imported on first use)."
+    return build
+
+
+for _name, _module, _attribute in (
+    ("megapixel_mnist", "megapixel_mnist", "MegapixelMNIST"),
+    ("traffic", "traffic", "TrafficSigns"),
+    ("billiard", "billiard", "Billiard"),
+    ("camelyon16", "camelyon", "Camelyon16"),
+    ("camelyon16_features", "camelyon", "Camelyon16Features"),
+    ("cub200", "cub", "CUB200"),
+):
+    DATASETS.register(_name)(_lazy(_module, _attribute))
+
+
+def build_dataset(name: str, *, split: str, root: str, **options: Any) -> Any:
+    """The data set `name` ("megapixel_mnist", "traffic", "billiard", "camelyon16",
+    "camelyon16_features", "cub200") for `split` under `root`; options go to its class."""
+    return DATASETS.build(name, split=split, root=root, **options)
