@@ -24,6 +24,7 @@ class PipelineOutput:
     scores: torch.Tensor | None = None  # (B, N) detached per-patch scores over the whole grid, for pictures
     aux_loss: torch.Tensor | None = None  # scalar regulariser already weighted (entropy bonus, ...)
     stats: dict[str, float] = field(default_factory=dict)  # e.g. {"patches_scored": 900.0}
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # pipeline-private tensors for auxiliary_loss
 
 
 class Pipeline(nn.Module):

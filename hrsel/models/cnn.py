@@ -1,0 +1,35 @@
+"""The full-image CNN baseline: the backbone on the whole (optionally downscaled) image."""
+from __future__ import annotations
+
+from typing import Any
+
+from hrsel.models.backbones import build_backbone
+from hrsel.models.heads import TaskHeads
+from hrsel.models.patches import ImageBatch
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.tasks import TaskSpec
+
+
+class CNNPipeline(Pipeline):
+    """Backbone on the whole image, global pooling, one head per task. Memory grows with the image.
+
+    Keyword-only options:
+        tasks: task name -> TaskSpec.
+        in_chans: image channels.
+        downscale: integer block-mean factor applied first (1 = full resolution).
+        backbone, backbone_options: name in BACKBONES and options.
+        head_hidden: optional Dense + swish before each classifier.
+    """
+
+    def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, downscale: int = 1,
+                 backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
+                 head_hidden: int | None = None):
+        super().__init__()
+        self.downscale = downscale
+        self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
+        self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
+
+    def forward(self, images) -> PipelineOutput:
+        batch = ImageBatch(images, device=next(self.parameters()).device)
+        features = self.backbone(batch.full(downscale=self.downscale))  # (B, D)
+        return PipelineOutput(logits=self.heads(features[:, None]))

@@ -1,0 +1,134 @@
+"""DPS (Cordonnier et al., CVPR 2021): score a downscaled image, select K patches differentiably.
+
+Training: perturbed top-K (or Sinkhorn) over all grid cells gives (B, K, N) indicators;
+the K soft patches are indicator-weighted sums of all full-resolution patches, computed
+by streaming extraction (memory O(K x patch + chunk x patch), not O(N x patch)).
+Inference (and selector "hard"): hard top-K and plain gathers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hrsel.errors import ConfigError
+from hrsel.models.classifier import PatchClassifier
+from hrsel.models.patches import ImageBatch
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.models.scorers import build_scorer
+from hrsel.select import (build_sigma_schedule, entropy_regularizer, hard_topk, normalize_scores,
+                          perturbed_topk, sinkhorn_topk)
+from hrsel.select.extract import GridGeometry, streaming_soft_extract
+from hrsel.tasks import TaskSpec
+
+SELECTORS = ("perturbed", "sinkhorn", "hard")
+
+
+class SoftTopK(torch.nn.Module):
+    """The differentiable selector of DPS, its sigma schedule and its settings.
+
+    Args:
+        k: patches to select.
+        selector: perturbed | sinkhorn | hard (hard: no gradient to the scorer).
+        num_samples: perturbations S (500). sigma: initial noise (0.05).
+        sigma_schedule: constant | linear | cosine (DPS: linear to sigma_final = 0).
+        sigma_final: sigma at the end of training.
+        sinkhorn_epsilon, sinkhorn_iterations: for selector "sinkhorn".
+    """
+
+    def __init__(self, *, k: int, selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
+                 sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
+                 sinkhorn_iterations: int = 200):
+        super().__init__()
+        if selector not in SELECTORS:
+            raise ConfigError(f"selector {selector!r} is unknown; valid: {', '.join(SELECTORS)}")
+        self.k, self.selector, self.num_samples = k, selector, num_samples
+        self.sigma0, self.sigma, self.sigma_final, self.schedule_kind = sigma, sigma, sigma_final, sigma_schedule
+        self.epsilon, self.iterations = sinkhorn_epsilon, sinkhorn_iterations
+        build_sigma_schedule(sigma_schedule, sigma=sigma, total_steps=1, final=sigma_final)  # validate early
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        schedule = build_sigma_schedule(self.schedule_kind, sigma=self.sigma0, total_steps=max(1, total_steps),
+                                        final=self.sigma_final)
+        self.sigma = float(schedule(step))
+
+    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, N) raw scores -> (indicators (B, K, N) or None when hard, indices (B, K) in raster order)."""
+        if not self.training or self.selector == "hard":
+            return None, hard_topk(scores.detach(), self.k)
+        if self.selector == "sinkhorn":
+            y = sinkhorn_topk(scores, self.k, self.epsilon, self.iterations)
+        else:
+            y = perturbed_topk(normalize_scores(scores), self.k, self.sigma, self.num_samples)
+        return y, y.detach().argmax(dim=-1)
+
+
+class DPSPipeline(Pipeline):
+    """DPS, exact: perturbed top-K over every cell of the scorer's grid.
+
+    Keyword-only options:
+        tasks: task name -> TaskSpec.
+        in_chans: image channels (3).
+        patch_size: full-resolution patch side, centred on each score cell (100).
+        k: patches selected (10). downscale: integer factor of the scorer's input (4).
+        scorer, scorer_options: name in SCORERS ("dps", "se", "resnet_stem") and options.
+        selector, num_samples, sigma, sigma_schedule, sigma_final, sinkhorn_epsilon,
+        sinkhorn_iterations: see `SoftTopK`.
+        entropy_coef: adds coef * H(softmax(scores)) to the loss; DPS configs use -0.01 (a bonus).
+        backbone, backbone_options, aggregator, aggregator_options, head_hidden: see `PatchClassifier`.
+        pos_encoding: none | learned | sincos; the soft indicators weight the table (DPS),
+            needs num_positions = number of score cells.
+        num_positions: grid cells, for the positional table.
+        extract_chunk: grid patches read per step of the streaming extraction (64).
+    """
+
+    def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100, k: int = 10,
+                 downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
+                 selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
+                 sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
+                 sinkhorn_iterations: int = 200, entropy_coef: float = 0.0, backbone: str = "resnet18",
+                 backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
+                 aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
+                 pos_encoding: str = "none", num_positions: int = 0, extract_chunk: int = 64):
+        super().__init__()
+        self.patch_size, self.downscale, self.entropy_coef = patch_size, downscale, entropy_coef
+        self.extract_chunk = extract_chunk
+        self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
+        self.select = SoftTopK(k=k, selector=selector, num_samples=num_samples, sigma=sigma,
+                               sigma_schedule=sigma_schedule, sigma_final=sigma_final,
+                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations)
+        agg_options = dict(aggregator_options or {})
+        if pos_encoding != "none":
+            agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
+        self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
+                                          backbone_options=backbone_options, aggregator=aggregator,
+                                          aggregator_options=agg_options, head_hidden=head_hidden)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.select.set_progress(step, total_steps)
+
+    def score(self, batch: ImageBatch) -> tuple[torch.Tensor, GridGeometry]:
+        """Raw scores (B, N) over the scorer's grid and the full-resolution geometry of that grid."""
+        grid = self.scorer(batch.downscaled(self.downscale))  # (B, rows, cols)
+        geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)
+        return grid.flatten(1), geometry
+
+    def forward(self, images) -> PipelineOutput:
+        batch = ImageBatch(images, device=next(self.parameters()).device)
+        scores, geometry = self.score(batch)
+        indicators, indices = self.select(scores)
+        if indicators is None:
+            patches, positions = batch.gather(geometry, indices), indices
+        else:
+            def read_chunk(_image, start: int, stop: int) -> torch.Tensor:
+                return batch.chunk(geometry, start, stop)
+
+            patches = streaming_soft_extract(indicators, read_chunk, num_patches=geometry.num_patches,
+                                             chunk_size=self.extract_chunk)
+            positions = indicators
+        logits = self.classifier(patches, positions=positions)
+        aux = None
+        if self.training and self.entropy_coef:
+            aux = self.entropy_coef * entropy_regularizer(scores)
+        return PipelineOutput(logits=logits, indices=indices, scores=scores.detach(), aux_loss=aux,
+                              stats={"sigma": self.select.sigma, "patches_scored": float(geometry.num_patches)})

@@ -1,0 +1,101 @@
+"""DPS with IPS-style candidates: memory independent of the image size.
+
+1. No grad: stream the patch grid in chunks, score every patch with the scorer (on the
+   patch downscaled by `score_downscale`), keep the top C candidates (`iterative_topm`).
+2. With grad: re-read the C candidates, re-score them, run perturbed top-K over the C
+   candidates only, and mix the K soft patches from the C candidate patches.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hrsel.models.classifier import PatchClassifier
+from hrsel.models.dps import SoftTopK
+from hrsel.models.patches import ImageBatch
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.models.scorers import build_scorer
+from hrsel.select import entropy_regularizer
+from hrsel.select.extract import GridGeometry
+from hrsel.select.ips import iterative_topm
+from hrsel.tasks import TaskSpec
+
+
+class DPSCandidatesPipeline(Pipeline):
+    """DPS whose perturbed top-K runs over C streamed candidates instead of the whole grid.
+
+    Keyword-only options:
+        tasks: task name -> TaskSpec.
+        in_chans: image channels.
+        patch_size, stride: the regular patch grid (stride defaults to patch_size).
+        k: patches selected; num_candidates: C >= k kept by the no-grad pass (4k by default).
+        score_chunk: patches scored per no-grad step (256).
+        score_downscale: integer factor applied to each patch before the scorer (4).
+        scorer, scorer_options: name in SCORERS and options (each patch gets one score,
+            the max of its score map).
+        selector, num_samples, sigma, sigma_schedule, sigma_final, sinkhorn_epsilon,
+        sinkhorn_iterations: see `hrsel.models.dps.SoftTopK`.
+        entropy_coef: coef * H(softmax(candidate scores)) added to the loss.
+        backbone, backbone_options, aggregator, aggregator_options, head_hidden: see `PatchClassifier`.
+        pos_encoding, num_positions: positional table over grid cells, indexed by the hard
+            (arg-max) cell of each selected patch.
+    """
+
+    def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100,
+                 stride: int | None = None, k: int = 10, num_candidates: int | None = None, score_chunk: int = 256,
+                 score_downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
+                 selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
+                 sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
+                 sinkhorn_iterations: int = 200, entropy_coef: float = 0.0, backbone: str = "resnet18",
+                 backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
+                 aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
+                 pos_encoding: str = "none", num_positions: int = 0):
+        super().__init__()
+        self.patch_size, self.stride, self.k = patch_size, stride, k
+        self.num_candidates = num_candidates if num_candidates is not None else 4 * k
+        if self.num_candidates < k:
+            raise ValueError(f"num_candidates={self.num_candidates} must be >= k={k}")
+        self.score_chunk, self.score_downscale, self.entropy_coef = score_chunk, score_downscale, entropy_coef
+        self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
+        self.select = SoftTopK(k=k, selector=selector, num_samples=num_samples, sigma=sigma,
+                               sigma_schedule=sigma_schedule, sigma_final=sigma_final,
+                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations)
+        agg_options = dict(aggregator_options or {})
+        if pos_encoding != "none":
+            agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
+        self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
+                                          backbone_options=backbone_options, aggregator=aggregator,
+                                          aggregator_options=agg_options, head_hidden=head_hidden)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.select.set_progress(step, total_steps)
+
+    def score_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, n, C, p, p) -> (B, n) one raw score per patch."""
+        b, n = patches.shape[:2]
+        small = F.avg_pool2d(patches.flatten(0, 1), self.score_downscale)  # (B*n, C, p/d, p/d)
+        return self.scorer(small, grid_shape=(1, 1)).view(b, n)
+
+    def forward(self, images) -> PipelineOutput:
+        batch = ImageBatch(images, device=next(self.parameters()).device)
+        geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
+        c = min(self.num_candidates, geometry.num_patches)
+        with torch.no_grad():
+            chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk))
+            found = iterative_topm(chunks, m=c, score_fn=lambda items, mask, idx: items, record_scores=True)
+        candidates = batch.gather(geometry, found.indices)  # (B, C, ch, p, p)
+        scores = self.score_patches(candidates)  # (B, C), with grad
+        indicators, picked = self.select(scores)
+        if indicators is None:
+            patches = candidates.gather(1, picked[:, :, None, None, None].expand(-1, -1, *candidates.shape[2:]))
+        else:
+            patches = torch.einsum("bkc,bcxyz->bkxyz", indicators.to(candidates.dtype), candidates)
+        indices = found.indices.gather(1, picked)  # (B, K) grid indices of the (arg-max) selection
+        logits = self.classifier(patches, positions=indices)
+        aux = None
+        if self.training and self.entropy_coef:
+            aux = self.entropy_coef * entropy_regularizer(scores)
+        return PipelineOutput(logits=logits, indices=indices, scores=found.all_scores, aux_loss=aux,
+                              stats={"sigma": self.select.sigma, "patches_scored": float(geometry.num_patches)})

@@ -1,0 +1,94 @@
+"""IPS (Bergner et al., ICLR 2023): iterative top-M patch selection by attention, then learn on M.
+
+1. No grad, eval mode: stream the grid in chunks of I patches, encode them, score buffer
+   + chunk with the cross-attention MIL aggregator, keep the top M (`iterative_topm`).
+2. With grad, train mode: re-read the M chosen patches, encode and aggregate them.
+Peak memory depends on M, I and the patch size, not on the image size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hrsel.errors import ConfigError
+from hrsel.models.classifier import PatchClassifier
+from hrsel.models.patches import ImageBatch
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.select.extract import GridGeometry
+from hrsel.select.ips import iterative_topm
+from hrsel.tasks import TaskSpec
+
+MODES = ("eager", "eager_sequential", "lazy")
+
+
+class IPSPipeline(Pipeline):
+    """Iterative patch selection with a cross-attention MIL aggregator.
+
+    Keyword-only options:
+        tasks: task name -> TaskSpec (one attention query per task).
+        in_chans: image channels.
+        patch_size, stride: the regular patch grid (stride defaults to patch_size).
+        num_selected: M, patches kept for the gradient pass (100 MNIST, 10 traffic).
+        chunk_size: I, patches encoded per selection step (100 MNIST, 32 traffic).
+        backbone, backbone_options: see `PatchClassifier` (IPS MNIST: resnet18 with in_chans=1,
+            last_stage="layer2").
+        aggregator_options: for "attention": heads (8), head_dim (16), mlp_dim (512), dropout.
+        pos_encoding: none | sincos | learned over the raster patch index; num_positions = grid cells.
+        head_hidden: optional Dense + swish before each classifier.
+        shuffle: break attention ties randomly (IPS shuffles its patches).
+        mode: eager (whole batch on the model's device) | eager_sequential (one image at a time
+            in the selection pass) | lazy (images stay where they are; chunks move to the device).
+    """
+
+    def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 50,
+                 stride: int | None = None, num_selected: int = 100, chunk_size: int = 100,
+                 backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
+                 aggregator_options: dict[str, Any] | None = None, pos_encoding: str = "none",
+                 num_positions: int = 0, head_hidden: int | None = None, shuffle: bool = True,
+                 mode: str = "lazy"):
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"IPS mode {mode!r} is unknown; valid: {', '.join(MODES)}")
+        self.patch_size, self.stride = patch_size, stride
+        self.num_selected, self.chunk_size, self.shuffle, self.mode = num_selected, chunk_size, shuffle, mode
+        agg_options = dict(aggregator_options or {})
+        agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
+        self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
+                                          backbone_options=backbone_options, aggregator="attention",
+                                          aggregator_options=agg_options, head_hidden=head_hidden)
+
+    def _score(self, items: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.classifier.aggregator.attention_scores(items, mask=mask, positions=indices)
+
+    @torch.no_grad()
+    def select(self, batch: ImageBatch, geometry: GridGeometry):
+        """The no-grad pass -> TopMResult with indices (B, M) in raster order."""
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = ((idx, self.classifier.encode(patches)) for idx, patches in
+                      batch.chunks(geometry, self.chunk_size))
+            return iterative_topm(chunks, m=min(self.num_selected, geometry.num_patches), score_fn=self._score,
+                                  record_scores=True, random_ties=self.shuffle and was_training)
+        finally:
+            self.train(was_training)
+
+    def forward(self, images) -> PipelineOutput:
+        device = next(self.parameters()).device
+        if self.mode == "eager" and isinstance(images, torch.Tensor):
+            images = images.to(device)
+        batch = ImageBatch(images, device=device)
+        geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
+        if self.mode == "eager_sequential":  # one image at a time through the selection pass
+            parts = [self.select(ImageBatch(images[i:i + 1], device=device), geometry) for i in range(len(images))]
+            indices = torch.cat([p.indices for p in parts])
+            mask = torch.cat([p.mask for p in parts])
+            scores = torch.cat([p.all_scores for p in parts])
+        else:
+            result = self.select(batch, geometry)
+            indices, mask, scores = result.indices, result.mask, result.all_scores
+        patches = batch.gather(geometry, indices)  # (B, M, C, p, p), with grad from here on
+        logits = self.classifier(patches, mask=mask, positions=indices)
+        return PipelineOutput(logits=logits, indices=indices, scores=scores,
+                              stats={"patches_scored": float(geometry.num_patches)})

@@ -1,0 +1,136 @@
+"""A batch of images seen through a patch grid: in-memory tensors or lazy `hrsel.io` sources.
+
+Pipelines never materialise a full-resolution float image of a lazy source: they read
+chunks of grid patches (one region per grid row segment), gather chosen patches, or
+build a downscaled copy band by band. Memory is O(chunk) or O(downscaled image).
+All patches come back as float in [0, 1] on `device`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hrsel.select.extract import GridGeometry, grid_chunk
+
+
+def _is_source(x: Any) -> bool:
+    return hasattr(x, "read_region") and hasattr(x, "dimensions")
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class ImageBatch:
+    """B images of one size: a (B, C, H, W) tensor (uint8 or float in [0, 1]) or a list of sources."""
+
+    def __init__(self, images: torch.Tensor | Sequence[Any], *, device: torch.device | str | None = None):
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+            self.tensor, self.sources = images, None
+            self.batch_size, self.channels = images.shape[:2]
+            self.image_hw = tuple(images.shape[-2:])
+            self.device = torch.device(device) if device is not None else images.device
+        else:
+            sources = list(images)
+            if not sources or not all(_is_source(s) for s in sources):
+                raise ValueError("images must be a (B, C, H, W) tensor or a non-empty list of hrsel.io ImageSource")
+            sizes = {s.dimensions for s in sources}
+            if len(sizes) != 1:
+                raise ValueError(f"all images of a batch must have one size, got (width, height) {sorted(sizes)}; "
+                                 "use batch size 1 or resize")
+            (w, h), = sizes
+            self.tensor, self.sources = None, sources
+            self.batch_size, self.channels, self.image_hw = len(sources), sources[0].channels, (h, w)
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._padded: dict[GridGeometry, tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    @property
+    def is_lazy(self) -> bool:
+        return self.sources is not None
+
+    # ---- grid patches --------------------------------------------------------------------
+    def chunk(self, geometry: GridGeometry, start: int, stop: int) -> torch.Tensor:
+        """Patches start..stop-1 of the grid -> (B, n, C, p, p) float."""
+        if not self.is_lazy:
+            if geometry not in self._padded:  # pad the (uint8) image once per grid
+                self._padded = {geometry: geometry.pad_image(self.tensor)}
+            padded, offset = self._padded[geometry]
+            return _to_float(grid_chunk(padded, geometry, offset, start, stop)).to(self.device)
+        return _to_float(torch.stack([self._source_chunk(s, geometry, start, stop) for s in self.sources]))
+
+    def _source_chunk(self, source: Any, geometry: GridGeometry, start: int, stop: int) -> torch.Tensor:
+        """One region read per grid row segment, sliced into patches: (n, C, p, p) uint8."""
+        p, cols = geometry.patch_size, geometry.shape[1]
+        (sy, sx), (py, px) = geometry.stride, geometry.padding
+        parts = []
+        for row in range(start // cols, (stop - 1) // cols + 1):
+            c_lo, c_hi = max(start - row * cols, 0), min(stop - row * cols, cols)
+            x0 = c_lo * sx - px
+            band = source.read_region(x0, row * sy - py, (c_hi - c_lo - 1) * sx + p, p)  # (p, width, C)
+            strip = torch.from_numpy(np.ascontiguousarray(band)).permute(2, 0, 1)  # (C, p, width)
+            parts.append(strip.unfold(2, p, sx).permute(2, 0, 1, 3))  # (n, C, p, p)
+        return torch.cat(parts).to(self.device)
+
+    def chunks(self, geometry: GridGeometry, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields (indices (B, n) int64, patches (B, n, C, p, p)) over the whole grid in raster order."""
+        n = geometry.num_patches
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            idx = torch.arange(start, stop, device=self.device).expand(self.batch_size, -1)
+            yield idx, self.chunk(geometry, start, stop)
+
+    def gather(self, geometry: GridGeometry, indices: torch.Tensor) -> torch.Tensor:
+        """(B, K) patch indices (-1 = absent, zeros) -> (B, K, C, p, p) float."""
+        p = geometry.patch_size
+        safe = indices.clamp_min(0).cpu()
+        corners = geometry.top_left(safe).tolist()  # (B, K, 2) (y, x)
+        if not self.is_lazy:
+            padded, (oy, ox) = self._padded.get(geometry) or geometry.pad_image(self.tensor)
+            rows = [torch.stack([padded[b, :, y + oy:y + oy + p, x + ox:x + ox + p] for y, x in row])
+                    for b, row in enumerate(corners)]
+        else:
+            rows = [torch.stack([torch.from_numpy(np.ascontiguousarray(src.read_region(x, y, p, p))).permute(2, 0, 1)
+                                 for y, x in row]) for src, row in zip(self.sources, corners)]
+        out = _to_float(torch.stack(rows).to(self.device))
+        return out * (indices >= 0).to(out.dtype).to(self.device)[..., None, None, None]
+
+    # ---- whole image ---------------------------------------------------------------------
+    def downscaled(self, factor: int, *, band_rows: int = 64) -> torch.Tensor:
+        """Block-mean downscale by an integer factor -> (B, C, H // factor, W // factor) float.
+
+        Lazy sources are read band by band from the deepest pyramid level that fits.
+        """
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"downscale factor must be a positive int, got {factor!r}")
+        h, w = self.image_hw
+        out_h, out_w = h // factor, w // factor
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"downscale factor {factor} is larger than the image (height, width)={self.image_hw}")
+        if not self.is_lazy:
+            bands = [F.avg_pool2d(_to_float(self.tensor[:, :, y * factor:(y + band_rows) * factor, :out_w * factor]),
+                                  factor) for y in range(0, out_h, band_rows)]
+            return torch.cat(bands, dim=2).to(self.device)
+        return torch.stack([self._source_downscaled(s, factor, out_h, out_w, band_rows) for s in self.sources])
+
+    def _source_downscaled(self, source: Any, factor: int, out_h: int, out_w: int, band_rows: int) -> torch.Tensor:
+        level = source.get_best_level_for_downsample(factor)
+        ds = source.level_downsamples[level]
+        rest = max(1, int(round(factor / ds)))  # remaining block size at that level
+        bands = []
+        for y in range(0, out_h, band_rows):
+            rows = min(band_rows, out_h - y)
+            region = source.read_region(0, int(y * factor), out_w * rest, rows * rest, level)  # (h, w, C)
+            band = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None]
+            bands.append(F.avg_pool2d(_to_float(band), rest)[0])
+        return torch.cat(bands, dim=1).to(self.device)  # (C, out_h, out_w)
+
+    def full(self, *, downscale: int = 1) -> torch.Tensor:
+        """The whole image as (B, C, H', W') float (optionally downscaled); O(image) memory."""
+        if downscale == 1 and not self.is_lazy:
+            return _to_float(self.tensor).to(self.device)
+        return self.downscaled(downscale)

@@ -1,0 +1,76 @@
+"""Attention sampling without replacement and its unbiased estimator (ATS, Katharopoulos & Fleuret 2019).
+
+Given attention a (B, N) over patches (a distribution) and features f_n, ATS estimates
+
+    E_a[f] = sum_n a_n f_n
+
+from K patches drawn without replacement. Draws i_1..i_K come in the order sampled
+(Gumbel top-K gives exactly the sequential distribution). Term k of the estimator,
+sum_{j<k} a_{i_j} f_{i_j} + (1 - sum_{j<k} a_{i_j}) f_{i_k}, is unbiased on its own
+(known mass plus a draw from the rest); their mean is the estimator, i.e. weights
+
+    w_k = a_{i_k} (K - k) / K + (1 - sum_{j<k} a_{i_j}) / K        (k = 1..K).
+
+Gradients: d/df_k = w_k; for the attention, sum_n a_n f_n grad(log a_n) is estimated
+by the same weights, giving w_k <G, f_k> / a_{i_k} at the sampled patches.
+"""
+from __future__ import annotations
+
+import torch
+
+from hrsel.select._checks import check_k
+
+
+def sample_without_replacement(attention: torch.Tensor, k: int, *,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N) probabilities -> (B, K) indices in the order drawn (Gumbel top-K)."""
+    check_k(k, attention.shape[1])
+    u = torch.rand(attention.shape, generator=generator, device=attention.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    keys = attention.detach().double().clamp_min(1e-300).log() + gumbel
+    return keys.topk(k, dim=1, sorted=True).indices
+
+
+def estimator_weights(sampled_attention: torch.Tensor) -> torch.Tensor:
+    """(B, K) attention of the draws, in draw order -> (B, K) estimator weights w_k."""
+    k = sampled_attention.shape[1]
+    mass_before = torch.cumsum(sampled_attention, dim=1) - sampled_attention  # sum_{j<k} a_{i_j}
+    remaining = torch.arange(k - 1, -1, -1, device=sampled_attention.device, dtype=sampled_attention.dtype)
+    return sampled_attention * remaining / k + (1.0 - mass_before) / k
+
+
+class ExpectationWithoutReplacement(torch.autograd.Function):
+    """(attention (B, N), features (B, K, D), indices (B, K) in draw order) -> (B, D) estimate."""
+
+    @staticmethod
+    def forward(ctx, attention, features, indices):
+        a_k = attention.gather(1, indices)  # (B, K)
+        w = estimator_weights(a_k)
+        ctx.save_for_backward(attention, features, indices, a_k, w)
+        return torch.einsum("bk,bkd->bd", w.to(features.dtype), features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        attention, features, indices, a_k, w = ctx.saved_tensors
+        grad_a = grad_f = None
+        if ctx.needs_input_grad[1]:
+            grad_f = torch.einsum("bk,bd->bkd", w.to(grad_out.dtype), grad_out)
+        if ctx.needs_input_grad[0]:
+            per_draw = torch.einsum("bkd,bd->bk", features, grad_out) * w / a_k.clamp_min(1e-12)
+            grad_a = torch.zeros_like(attention).scatter_add_(1, indices, per_draw.to(attention.dtype))
+        return grad_a, grad_f, None
+
+
+def expectation_without_replacement(attention: torch.Tensor, features: torch.Tensor,
+                                    indices: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of sum_n a_n f_n from K patches drawn without replacement.
+
+    attention: (B, N) probabilities (rows sum to 1); features: (B, K, D) of the drawn
+    patches; indices: (B, K) the draws in the order sampled. Returns (B, D).
+    """
+    if features.shape[:2] != indices.shape or attention.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"attention (B, N), features (B, K, D) and indices (B, K) disagree: {tuple(attention.shape)}, "
+            f"{tuple(features.shape)}, {tuple(indices.shape)}"
+        )
+    return ExpectationWithoutReplacement.apply(attention, features, indices)

@@ -1,0 +1,122 @@
+"""Iterative top-M selection over a stream of chunks (the IPS driver).
+
+IPS (Bergner et al., ICLR 2023) keeps a buffer of the M best items seen so far; for
+every new chunk of I items it scores buffer + chunk together (the scores may depend on
+the whole set, as attention does) and keeps the M best. Memory is O((M + I) x item),
+whatever the number of items N. The driver is generic: an "item" is any tensor per
+element (a patch embedding, a scalar score); the caller encodes and scores.
+
+Ties go to the item seen first (stable sort), or to a random one with
+`random_ties=True` (IPS shuffles its patches for the same effect). With a pointwise
+score the result equals a global top-M.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from hrsel.select._checks import check_positive_int
+
+# (items (B, n, ...), mask (B, n) bool, indices (B, n) int64) -> scores (B, n)
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TopMResult:
+    indices: torch.Tensor  # (B, M) int64 stream indices, ascending; -1 where fewer than M items exist
+    items: torch.Tensor  # (B, M, ...) the kept items, in the order of `indices`
+    scores: torch.Tensor  # (B, M) their scores in the last round; -inf where absent
+    mask: torch.Tensor  # (B, M) bool, True for a real item
+    all_scores: torch.Tensor | None = None  # (B, N) the score of each item in the round it arrived
+
+
+def _keep_top(indices, items, scores, mask, keys, m: int):
+    """Keep the m best of (B, n) candidates; absent ones (mask False) sort last, ties by ascending key."""
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    by_key = keys.argsort(dim=1, stable=True)
+    indices, items, scores, mask, keys = _gather_rows(by_key, indices, items, scores, mask, keys)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :m]  # (B, m)
+    return _gather_rows(order, indices, items, scores, mask, keys)
+
+
+@torch.no_grad()
+def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: int, score_fn: ScoreFn,
+                   record_scores: bool = False, random_ties: bool = False,
+                   generator: torch.Generator | None = None) -> TopMResult:
+    """Select the M best items of a stream without holding more than M + I of them.
+
+    Args:
+        chunks: yields (indices (B, n) int64, items (B, n, ...)); indices identify the items
+            (e.g. patch indices in the grid) and are returned for the winners.
+        m: how many items to keep (M).
+        score_fn: scores (B, n') for a set of items and its mask; called on buffer + chunk.
+        record_scores: also return every item's score from the round in which it arrived,
+            placed at its index (needs indices in [0, N)).
+        random_ties: break score ties randomly instead of by arrival order.
+        generator: for the random tie-break keys.
+
+    Returns:
+        TopMResult sorted by ascending index (raster order for patch indices).
+    """
+    check_positive_int(m, "m")
+    buf = None  # (indices, items, scores, mask, keys)
+    arrived = 0
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for idx, items in chunks:
+        if idx.dim() != 2 or items.shape[:2] != idx.shape:
+            raise ValueError(
+                f"each chunk must be (indices (B, n), items (B, n, ...)), got shapes "
+                f"{tuple(idx.shape)} and {tuple(items.shape)}"
+            )
+        new_mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        if random_ties:
+            new_keys = torch.rand(idx.shape, generator=generator, device="cpu", dtype=torch.float64).to(idx.device)
+        else:  # arrival order
+            new_keys = torch.arange(arrived, arrived + idx.shape[1], device=idx.device, dtype=torch.float64)
+            new_keys = new_keys.expand(idx.shape)
+        arrived += idx.shape[1]
+        if buf is None:
+            cand_idx, cand_items, cand_mask, cand_keys = idx, items, new_mask, new_keys
+        else:
+            cand_idx = torch.cat([buf[0], idx], dim=1)
+            cand_items = torch.cat([buf[1], items], dim=1)
+            cand_mask = torch.cat([buf[3], new_mask], dim=1)
+            cand_keys = torch.cat([buf[4], new_keys], dim=1)
+        scores = score_fn(cand_items, cand_mask, cand_idx)
+        if scores.shape != cand_idx.shape:
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {tuple(cand_idx.shape)}")
+        if record_scores:
+            recorded.append((idx, scores[:, -idx.shape[1]:].float()))
+        buf = _keep_top(cand_idx, cand_items, scores, cand_mask, cand_keys, m)
+    if buf is None:
+        raise ValueError("iterative_topm got an empty stream of chunks")
+    indices, items, scores, mask, _ = buf
+    if indices.shape[1] < m:  # fewer than M items in all: pad with absent slots
+        pad = m - indices.shape[1]
+        b = indices.shape[0]
+        indices = torch.cat([indices, indices.new_full((b, pad), -1)], dim=1)
+        items = torch.cat([items, items.new_zeros((b, pad) + items.shape[2:])], dim=1)
+        scores = torch.cat([scores, scores.new_full((b, pad), float("-inf"))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((b, pad))], dim=1)
+    # raster order; absent slots (index -1) last
+    key = torch.where(mask, indices, torch.iinfo(torch.int64).max)
+    order = key.argsort(dim=1)
+    indices, items, scores, mask = _gather_rows(order, indices, items, scores, mask)
+    all_scores = None
+    if record_scores:
+        idx_all = torch.cat([i for i, _ in recorded], dim=1)
+        sc_all = torch.cat([s for _, s in recorded], dim=1)
+        all_scores = sc_all.new_full((idx_all.shape[0], int(idx_all.max()) + 1), float("nan"))
+        all_scores.scatter_(1, idx_all, sc_all)
+    return TopMResult(indices, items, scores, mask, all_scores)
+
+
+def _gather_rows(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Reorder dim 1 of each (B, n, ...) tensor by (B, n') positions."""
+    out = []
+    for t in tensors:
+        view = order.view(order.shape + (1,) * (t.dim() - 2)).expand(order.shape + t.shape[2:])
+        out.append(t.gather(1, view))
+    return out
