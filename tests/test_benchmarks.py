@@ -1,0 +1,62 @@
+"""Smoke runs of the benchmark scripts' quick paths at tiny sizes on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_speed_study_quick(tmp_path):
+    out = tmp_path / "speed.json"
+    run("speed_study.py", "--quick", "--device", "cpu", "--threads", "1", "--image-size", "96", "--downscale", "2",
+        "--num-samples", "20", "--warmup", "0", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["method"] for r in rows} == {"resnet50_full", "resnet18_full", "select_hard", "select_perturbed",
+                                           "score_only"}
+    assert sorted(r["k"] for r in rows if r["method"] == "select_hard") == [3, 10]
+    assert all(r["images_per_s"] > 0 and r["best_batch"] == 1 for r in rows)
+    k3 = next(r for r in rows if r["method"] == "select_hard" and r["k"] == 3)
+    assert k3["pixels_pct"] == round(100 * 3 * 50**2 / 96**2, 3)
+    assert "speedup_hard_k10_p50_vs_resnet50" in result["summary"]
+    assert 0 < (tmp_path / "speed.png").stat().st_size < 300_000
+
+
+def test_memory_plot_marks_oom(tmp_path):
+    # rows as benchmarks/memory.py writes them, plus another spelling of the size
+    rows = [dict(method="ips", pixels=side * side, side=side, peak_mb=500.0 + side / 1000, base_mb=400.0,
+                 status="ok") for side in (1000, 4000, 16000)]
+    rows += [dict(method="cnn", image_size=side, peak_mb=3000.0 * (side / 1000) ** 2, status="ok")
+             for side in (1000, 4000)]
+    rows += [dict(method="cnn", pixels=16000**2, status="oom", error="CUDA out of memory"),
+             dict(method="dps", pixels=16000**2, status="skipped")]
+    src = tmp_path / "memory.json"
+    src.write_text(json.dumps({"device": "test", "memory_limit_mb": 80000, "rows": rows}))
+    stdout = run("memory_plot.py", str(src))
+    assert "256 MP: 516 MB" in stdout and "256 MP: OOM" in stdout and "16 MP: 48000 MB" in stdout
+    assert "256 MP: SKIPPED" in stdout
+    assert 0 < src.with_suffix(".png").stat().st_size < 300_000
+    stdout = run("memory_plot.py", str(src), "--above-base", "--out", str(tmp_path / "above.png"))
+    assert "256 MP: 116 MB" in stdout
+
+
+def test_stream_throughput_quick(tmp_path):
+    out = tmp_path / "stream.json"
+    run("stream_throughput.py", "--quick", "--device", "cpu", "--threads", "1", "--patch", "64",
+        "--max-patches", "24", "--chunk", "8", "--m", "4", "--last-stage", "layer1", "--workers", "1", "--repeats", "1",
+        "--cache", str(tmp_path), "--json", str(out))
+    result = json.loads(out.read_text())
+    phases = [(r["phase"], r["workers"]) for r in result["rows"]]
+    assert phases == [("score", None), ("read", 1), ("stream", 1)]
+    assert result["patches"] == 24 and all(r["patches_per_s"] > 0 for r in result["rows"])
+    assert result["rows"][2]["limiter"] in ("reading", "scoring")
