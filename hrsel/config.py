@@ -1,0 +1,473 @@
+"""Experiment configs: YAML -> typed dataclasses, dotted overrides, strict keys.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.epochs=2"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Every key is checked before any work starts: an unknown or misspelt key, a value
+of the wrong type or an impossible value raises `ConfigError` naming the key, the
+bad value and the closest valid key. `data` and `model` take free keys besides
+their own fields: those are keyword arguments of the data set / pipeline builder
+and are checked against the builder's signature by `check_builder_options`.
+No torch import here: `--print-config` and config errors stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from hrsel.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "megapixel_mnist"  # a name of hrsel.data.build_dataset
+    root: str = ""  # the data folder
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 16
+    eval_batch_size: int = 0  # 0: same as batch_size
+    num_workers: int = 0
+    images_to_device: bool = True  # move image tensors to the device (False: the pipeline moves chunks)
+    limit_train: int = 0  # use only the first n training items (0: all), for smoke runs
+    limit_eval: int = 0
+    generate_if_missing: bool = False  # build the data set into `root` when it is absent
+    generate: dict[str, Any] = field(default_factory=dict)  # options of the generator
+    options: dict[str, Any] = field(default_factory=dict)  # free keys: build_dataset(**options)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ips"  # a name of hrsel.models.build_pipeline
+    options: dict[str, Any] = field(default_factory=dict)  # free keys: build_pipeline(**options)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | piecewise | constant
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
+    milestones: list[float] = field(default_factory=list)  # piecewise: epochs where lr *= gamma
+    gamma: float = 0.1
+    clip_value: float = 0.0  # 0: off
+    clip_norm: float = 0.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs * steps per epoch; else stop after this many updates
+    grad_accum: int = 1  # batches per optimiser update
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only; fp32 on CPU)
+    compile: bool = False  # torch.compile the pipeline
+    skip_nan_updates: bool = False  # skip an update with a non-finite loss instead of stopping
+    checkpoint_every: int = 0  # also checkpoint every n updates (0: only at epoch ends)
+    eval_every: int = 1  # evaluate every n epochs (and always after the last)
+    class_balanced: bool = False  # weight task losses by inverse class frequency
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
+    find_unused_parameters: bool = True  # DDP: pipelines may leave a scorer out of a step
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    metric: str = ""  # "task/metric" that picks the best checkpoint; "": first task's first metric
+    pictures: int = 4  # test images drawn with heatmap and selected patches per evaluation
+
+
+@dataclass
+class Config:
+    experiment: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    output_dir: str = "runs"  # run directory = output_dir / experiment
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.experiment
+
+
+_FREE_KEYS = "options"  # the field of a section that collects its free keys
+_CHOICES = {
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("cosine", "piecewise", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `key.sub=value` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; configs live in configs/*.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("experiment", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict, free keys flattened back into their section (as in the YAML)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            section = {k: v for k, v in dataclasses.asdict(value).items() if k != _FREE_KEYS}
+            section.update(getattr(value, _FREE_KEYS, {}) or {})
+            out[f.name] = section
+        else:
+            out[f.name] = value
+    return out
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    free = _FREE_KEYS in names
+    kwargs: dict[str, Any] = {}
+    extras: dict[str, Any] = dict(raw.get(_FREE_KEYS) or {}) if free else {}
+    for key, value in raw.items():
+        full = prefix + str(key)
+        if key == _FREE_KEYS and free:
+            continue
+        if key not in names:
+            if free:
+                extras[key] = value
+                continue
+            raise ConfigError(_unknown_key_message(full, value))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    if free:
+        kwargs[_FREE_KEYS] = extras
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value`: the value is parsed as YAML and typed like the value it replaces."""
+    key, sep, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. optim.lr=3e-4")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])!r} is a value, not a section")
+        node = child
+    value = _parse_scalar(text)
+    leaf = parts[-1]
+    hint = _field_type(parts)
+    if leaf in node and node[leaf] is not None:
+        value = _coerce(value, _type_of(node[leaf]) if hint is None else hint, key, text)
+    elif hint is not None:
+        value = _coerce(value, hint, key, text)
+    elif not _is_free_key(parts):
+        raise ConfigError(_unknown_key_message(key, text))
+    node[leaf] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _type_of(value: Any) -> Any:
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, (int, float, str)):
+        return type(value)
+    if isinstance(value, list):
+        return list
+    if isinstance(value, dict):
+        return dict
+    return Any
+
+
+def _field_type(parts: list[str]) -> Any | None:
+    """The declared type of a dotted key, or None when it is not a dataclass field."""
+    cls: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _is_free_key(parts: list[str]) -> bool:
+    """True for `model.foo` / `data.options.foo`: keys checked later against a builder."""
+    if len(parts) < 2:
+        return False
+    section = _field_type(parts[:1])
+    if not dataclasses.is_dataclass(section):
+        return False
+    names = {f.name for f in dataclasses.fields(section)}
+    return _FREE_KEYS in names and (parts[1] not in names or parts[1] == _FREE_KEYS)
+
+
+# ----------------------------------------------------------------------------- types
+
+def _coerce(value: Any, hint: Any, key: str, shown: Any = None) -> Any:
+    """Check `value` against a type hint, converting int -> float where harmless."""
+    shown = value if shown is None else shown
+    origin = typing.get_origin(hint) or hint
+    bad = ConfigError(
+        f"config key {key!r} expects {_type_name(hint)}, got {shown!r}"
+        f" ({type(value).__name__}); e.g. {key}={_example(hint)}"
+    )
+    if hint is Any:
+        return value
+    if isinstance(value, str) and origin in (int, float):  # YAML reads `1e-4` as a string
+        try:
+            value = origin(value)
+        except ValueError:
+            raise bad from None
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(shown)
+        raise bad
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        args = typing.get_args(hint)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(origin, "__name__", str(origin))
+
+
+def _example(hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    return {bool: "true", int: "10", float: "0.001", str: "name", list: "[1,2]", dict: "{a: 1}"}.get(origin, "...")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every fixed dotted key of the schema, e.g. ['experiment', ..., 'optim.lr', ...]."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, prefix + f.name + ".")
+        elif f.name != _FREE_KEYS:
+            keys.append(prefix + f.name)
+    return keys
+
+
+_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
+            "epoch": "epochs", "optimizer": "name", "workers": "num_workers", "warmup": "warmup_epochs"}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key most like `key`, preferring keys of the same section (`optim.learning_rate` -> `optim.lr`)."""
+    section, _, leaf = key.rpartition(".")
+    same = [k for k in valid if k.rpartition(".")[0] == section]
+    alias = f"{section}.{_ALIASES[leaf]}" if section and leaf in _ALIASES else _ALIASES.get(leaf)
+    if alias in valid:
+        return alias
+    for pool in (same, valid):
+        by_leaf = {k.rpartition(".")[2]: k for k in pool}
+        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        if leaves:
+            return by_leaf[leaves[0]]
+    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _unknown_key_message(key: str, value: Any, valid: list[str] | None = None) -> str:
+    valid = all_keys() if valid is None else valid
+    close = closest_key(key, valid)
+    hint = f" Did you mean {close!r}?" if close else ""
+    section = key.rpartition(".")[0]
+    listed = [k for k in valid if k.rpartition(".")[0] == section] or valid
+    return f"unknown config key {key!r} (value {value!r}).{hint} Valid keys here: {', '.join(listed)}"
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values and choices; the data folder is checked by `check_data_root`."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config key {key!r} = {value!r} is not one of {', '.join(choices)}.{hint}")
+    positive = ["data.batch_size", "train.epochs", "train.grad_accum", "train.eval_every"]
+    non_negative = ["data.eval_batch_size", "data.num_workers", "data.limit_train", "data.limit_eval",
+                    "train.max_steps", "train.checkpoint_every", "optim.weight_decay", "optim.warmup_epochs",
+                    "optim.clip_value", "optim.clip_norm", "eval.pictures"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key {key!r} = {_get(cfg, key)!r} must be > 0")
+    for key in non_negative:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r} = {_get(cfg, key)!r} must be >= 0")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"config key 'optim.lr' = {cfg.optim.lr!r} must be > 0")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' = {cfg.optim.betas!r} must hold two numbers, e.g. [0.9, 0.999]")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio!r} must be in [0, 1]")
+    if not cfg.data.root:
+        raise ConfigError("config key 'data.root' is empty; set it to the data folder, e.g. data.root=data/mnist")
+    for key, value in cfg.model.options.items():  # counts of patches: K, M, I, ...
+        if key in _POSITIVE_MODEL_KEYS and isinstance(value, (int, float)) and value <= 0:
+            raise ConfigError(f"config key 'model.{key}' = {value!r} must be > 0")
+
+
+_POSITIVE_MODEL_KEYS = {"k", "K", "m", "M", "num_selected", "num_patches", "memory_size", "iter_size",
+                        "patch_size", "chunk_size", "num_samples", "stride"}
+
+
+def check_data_root(cfg: Config) -> None:
+    root = Path(cfg.data.root)
+    if not root.exists() and not cfg.data.generate_if_missing:
+        raise ConfigError(
+            f"config key 'data.root': data folder {str(root)!r} does not exist; download or generate the "
+            f"data set there, point data.root=PATH at it, or set data.generate_if_missing=true where a "
+            f"generator exists"
+        )
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_builder_options(section: str, name: str, options: dict[str, Any], builder: Callable[..., Any],
+                          *, supplied: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check free keys against a builder's keyword arguments; returns them typed.
+
+    An unknown key names the closest keyword of `builder`; values are coerced to
+    the keyword's annotation when it is a plain int/float/bool/str/list.
+    `supplied` lists keywords the trainer passes itself (e.g. `tasks`).
+    """
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return dict(options)
+    params = {p.name: p for p in sig.parameters.values()
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in supplied}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    out = {}
+    valid = [f"{section}.{p}" for p in params]
+    for key, value in options.items():
+        full = f"{section}.{key}"
+        if key not in params:
+            if takes_any:
+                out[key] = value
+                continue
+            close = closest_key(full, valid)
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {full!r} (value {value!r}) for {section} {name!r}.{hint} "
+                f"Valid keys: {', '.join(valid) or '(none)'}"
+            )
+        hint_t = _plain(hints.get(key, Any))
+        out[key] = _coerce(value, hint_t, full) if hint_t is not Any else value
+    return out
+
+
+def _plain(hint: Any) -> Any:
+    """int | None -> int; anything beyond plain types -> Any (left unchecked)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            return Any
+        if any(a is type(None) for a in args):
+            return Any  # optional values may be null: leave them to the builder
+        hint = kinds[0]
+    origin = typing.get_origin(hint) or hint
+    return hint if origin in (int, float, bool, str) else Any

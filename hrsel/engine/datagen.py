@@ -1,0 +1,59 @@
+"""Build a missing data set before training (`data.generate_if_missing: true`).
+
+Only generated data sets have a generator: Megapixel MNIST. Downloads of real data
+sets are left to their tools; a missing folder of theirs is a config error.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from hrsel.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def generate_megapixel_mnist(root: str, *, width: int = 1500, height: int = 1500, n_train: int = 5000,
+                             n_test: int = 1000, noise: bool = True, n_noise: int = 50, seed: int = 0,
+                             digits: str = "mnist", mnist_dir: str | None = None, download: bool = False,
+                             workers: int = 1) -> str:
+    """Write Megapixel MNIST into `root`; returns where the digits came from (one sentence).
+
+    Digits: MNIST from `mnist_dir`, $HRSEL_MNIST_DIR or the usual folders (a download when
+    `download`), else digits rendered from a font, which the returned note says aloud.
+    """
+    from hrsel.data.digits import load_digit_pools
+    from hrsel.data.megapixel_mnist_gen import MegapixelParameters, generate_megapixel_mnist as generate
+
+    try:
+        pools = load_digit_pools(digits=digits, mnist_dir=mnist_dir, download=download, progress=False)
+    except DataError as e:
+        log.warning("no MNIST digits (%s); falling back to digits rendered from a font", e)
+        pools = load_digit_pools(digits="rendered")
+    params = MegapixelParameters(width=width, height=height, n_train=n_train, n_test=n_test, noise=noise,
+                                 n_noise=n_noise, seed=seed)
+    generate(root, pools, params=params, workers=workers, progress=False)
+    return pools.note
+
+
+GENERATORS: dict[str, Callable[..., str]] = {"megapixel_mnist": generate_megapixel_mnist}
+
+
+def needs_generation(name: str, root: str) -> bool:
+    """True when `root` holds no finished copy of a generated data set (an interrupted run counts as none)."""
+    from pathlib import Path
+
+    if name == "megapixel_mnist":
+        return not (Path(root) / "parameters.json").is_file()
+    return not Path(root).exists()
+
+
+def generate_dataset(name: str, *, root: str, **options: Any) -> str:
+    """Run the generator of data set `name` into `root`; returns a note on the data's origin."""
+    if name not in GENERATORS:
+        raise ConfigError(f"data.generate_if_missing is set, but data set {name!r} has no generator (only "
+                          f"{', '.join(GENERATORS)}); download it into data.root instead")
+    from hrsel.config import check_builder_options
+
+    options = check_builder_options("data.generate", name, options, GENERATORS[name], supplied=("root",))
+    return GENERATORS[name](root, **options)

@@ -1,0 +1,408 @@
+"""The training loop: any `Pipeline`, any data set of `{"image", "targets", "id"}` items.
+
+    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=tasks, train_set=train, eval_set=test,
+                      device=device, info=info, run_dir=run_dir)
+    trainer.resume(load_checkpoint(run_dir))   # optional
+    result = trainer.fit()
+
+Data order is a function of (seed, epoch) and the RNG states are checkpointed, so a
+run killed at any point and resumed from its last checkpoint retraces the
+uninterrupted run exactly on the CPU (with `data.num_workers: 0`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from hrsel.config import Config
+from hrsel.engine import checkpoint as ckpt
+from hrsel.engine import distributed as dist
+from hrsel.engine import metrics as M
+from hrsel.engine.logbook import RunLog, Throughput, epoch_line, peak_memory_mb, progress, reset_peak_memory
+from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, set_lr
+from hrsel.engine.visualize import layout_for, save_selection_picture
+from hrsel.errors import HrselError
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(HrselError, RuntimeError):
+    """The loss became nan/inf; the last good checkpoint is kept."""
+
+
+class Interrupted(HrselError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; resume with --resume")
+        self.signum = signum
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser updates done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # batches of that epoch already consumed
+    best: float | None = None
+    nan_skips: int = 0
+
+
+class Trainer:
+    def __init__(self, *, cfg: Config, pipeline: Pipeline, tasks: dict[str, TaskSpec], train_set, eval_set,
+                 device: torch.device, info: dist.DistInfo, run_dir: Path, collate_fn: Callable | None = None):
+        self.cfg, self.tasks, self.device, self.info, self.run_dir = cfg, tasks, device, info, Path(run_dir)
+        self.module = pipeline.to(device)  # the plain pipeline: state_dict, set_progress, auxiliary_loss
+        self.model = self._wrap(self.module)  # what is called: maybe DDP and/or compiled
+        self.train_set = _limit(train_set, cfg.data.limit_train)
+        self.eval_set = _limit(eval_set, cfg.data.limit_eval)
+        self.collate = collate_fn or _default_collate()
+        self.optimizer = build_optimizer(self.module, name=cfg.optim.name, lr=cfg.optim.lr,
+                                         weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                                         momentum=cfg.optim.momentum)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() is torch.float16)
+        self.sampler = dist.TrainSampler(self.train_set, info, seed=cfg.seed)
+        self.state = TrainState()
+        self.class_weights = _class_weights(self.train_set, tasks) if cfg.train.class_balanced else {}
+        self.runlog = RunLog(self.run_dir, enabled=info.is_main)
+        self.throughput = Throughput(device)
+        self._stop_signal = 0
+        self._boundary_rng = ckpt.rng_state()
+        self.sums: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.sampler.num_samples / self.cfg.data.batch_size)  # per rank
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.cfg.train.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.cfg.train.epochs * self.updates_per_epoch
+        return min(full, self.cfg.train.max_steps) if self.cfg.train.max_steps else full
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            metrics: dict[str, float] = {}
+            while self.state.epoch < self.cfg.train.epochs and not self._done():
+                metrics = self.run_epoch() or metrics
+            if not metrics:
+                metrics = self.evaluate()
+            return {"metrics": metrics, "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
+                    "step": self.state.step,
+                    "run_dir": str(self.run_dir), "pictures": str(self.run_dir / "pictures")}
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.runlog.close()
+
+    def run_epoch(self) -> dict[str, float]:
+        epoch, started = self.state.epoch, time.perf_counter()
+        self.model.train()
+        reset_peak_memory(self.device)
+        self.throughput.reset()
+        if self.state.batch_in_epoch == 0:
+            self.sums = {}  # per-epoch sums of the logged values (kept in checkpoints for a resumed epoch)
+        for batch in progress(self._train_loader(), total=self._batches_left(),
+                              desc=f"epoch {epoch + 1}", enabled=self._bar()):
+            self.train_batch(batch)
+            if self._done():
+                break
+        row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update(self._reduce_means(self.sums))
+        row.update(self.throughput.summary())
+        row["peak_memory_mb"] = peak_memory_mb(self.device)
+        row["nan_skips"] = self.state.nan_skips
+        metrics: dict[str, float] = {}
+        if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs or self._done():
+            metrics = self.evaluate()
+            row.update({f"test/{k}": v for k, v in metrics.items()})
+        row["epoch_s"] = time.perf_counter() - started
+        if self.state.batch_in_epoch >= self.batches_per_epoch:  # else stopped by train.max_steps mid-epoch
+            self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+        self._boundary_rng = ckpt.rng_state()
+        self.save(is_best=self._is_best(metrics))
+        if self.info.is_main:
+            self.runlog.epoch(row)
+            log.info(epoch_line(epoch + 1, self.cfg.train.epochs, row))
+        return metrics
+
+    def train_batch(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One micro-batch: forward, loss, backward; an optimiser update every grad_accum batches."""
+        accum, done = self.cfg.train.grad_accum, self.state.batch_in_epoch + 1
+        boundary = done % accum == 0 or done == self.batches_per_epoch  # an epoch ends with a (partial) update
+        self.module.set_progress(self.state.step, max(self.total_steps, 1))
+        images, targets = self._to_device(batch)
+        self.throughput.start()
+        with self._maybe_no_sync(not boundary), self._autocast():
+            out: PipelineOutput = self.model(images)
+            loss, parts = M.multitask_loss(out.logits, targets, self.tasks, task_weights=self.cfg.train.task_weights,
+                                           class_weights=self.class_weights)
+            loss = loss + self.module.auxiliary_loss(out, targets)
+            bad, stop = self._sync_flags(not torch.isfinite(loss).item(), self._stop_signal != 0)
+            if stop:
+                self._stop()
+            if bad:
+                return self._non_finite(loss)
+            self.scaler.scale(loss / accum).backward()
+        self.state.batch_in_epoch += 1
+        if boundary:
+            self._update()
+        n = len(batch["ids"])  # stats["patches_scored"] counts the patches scored per image
+        self.throughput.stop(images=n, patches=n * float(out.stats.get("patches_scored", 0.0)))
+        logs = {"train_loss": loss.item(), **{f"train_loss/{k}": v.item() for k, v in parts.items()}}
+        logs.update({k: float(v) for k, v in out.stats.items() if isinstance(v, (int, float))})
+        self._accumulate(self.sums, logs)
+        if boundary:
+            self.runlog.scalars({"train/loss": logs["train_loss"], "train/lr": self.optimizer.param_groups[0]["lr"]},
+                                self.state.step)
+        every = self.cfg.train.checkpoint_every
+        if boundary and every and self.state.step % every == 0:
+            self.save()
+        return logs
+
+    def _update(self) -> None:
+        cfg = self.cfg.optim
+        warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
+        milestones = [round(m * self.updates_per_epoch) for m in cfg.milestones]
+        set_lr(self.optimizer, cfg.lr * lr_factor(self.state.step, total_steps=self.total_steps, warmup_steps=warmup,
+                                                  schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
+                                                  milestones=milestones, gamma=cfg.gamma))
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(self.module.parameters(), clip_value=cfg.clip_value, clip_norm=cfg.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self._boundary_rng = ckpt.rng_state()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over the whole eval split (hard top-K: pipelines select hard in eval mode)."""
+        self.model.eval()
+        loader = DataLoader(self.eval_set, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                            sampler=dist.ShardSampler(len(self.eval_set), self.info), collate_fn=self.collate,
+                            num_workers=self.cfg.data.num_workers)
+        logits: dict[str, list] = {t: [] for t in self.tasks}
+        targets: dict[str, list] = {t: [] for t in self.tasks}
+        drawn = 0
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+            torch.manual_seed(self.cfg.seed + 1)  # evaluation does not disturb the training RNG
+            for batch in progress(loader, total=len(loader), desc="eval", enabled=self._bar()):
+                images, y = self._to_device(batch)
+                with self._autocast():
+                    out = self.model(images)
+                for t in self.tasks:
+                    logits[t].append(out.logits[t].float().cpu())
+                    targets[t].append(y[t].cpu())
+                if self.info.is_main and drawn < self.cfg.eval.pictures:
+                    drawn += self._draw(batch, out, self.cfg.eval.pictures - drawn)
+        self.model.train()
+        gathered = dist.gather_objects(({t: torch.cat(v) for t, v in logits.items()},
+                                        {t: torch.cat(v) for t, v in targets.items()}), self.info)
+        all_logits = {t: torch.cat([g[0][t] for g in gathered]) for t in self.tasks}
+        all_targets = {t: torch.cat([g[1][t] for g in gathered]) for t in self.tasks}
+        result = M.all_metrics(all_logits, all_targets, self.tasks)
+        result["loss"] = M.multitask_loss(all_logits, all_targets, self.tasks,
+                                          task_weights=self.cfg.train.task_weights)[0].item()
+        return result
+
+    def _draw(self, batch: dict[str, Any], out: PipelineOutput, limit: int) -> int:
+        folder = self.run_dir / "pictures"
+        n = min(limit, len(batch["ids"]))
+        preds = {t: M.predictions(out.logits[t].float().cpu(), spec) for t, spec in self.tasks.items()}
+        truth = {t: _readable(batch["targets"][t], spec) for t, spec in self.tasks.items()}
+        for i in range(n):
+            image = batch["images"][i]
+            scores = None if out.scores is None else out.scores[i].float().cpu().numpy()
+            indices = None if out.indices is None else out.indices[i].cpu().numpy()
+            num = len(scores) if scores is not None else (int(indices.max()) + 1 if indices is not None else 1)
+            title = f"{batch['ids'][i]}\n" + "\n".join(
+                f"{t}: predicted {preds[t][i]}, true {truth[t][i]}" for t in self.tasks)
+            save_selection_picture(folder / f"epoch{self.state.epoch + 1:03d}_{_safe(batch['ids'][i])}.png", image,
+                                   layout=layout_for(self.module, image, num), scores=scores, indices=indices,
+                                   title=title)
+        return n
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, *, is_best: bool = False) -> None:
+        if not self.info.is_main:
+            return
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "rng": self._boundary_rng,
+                 "epoch_sums": dict(self.sums), "total_steps": self.total_steps}
+        ckpt.save_checkpoint(self.run_dir, state, is_best=is_best)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        self.sums = dict(state.get("epoch_sums", {})) if self.state.batch_in_epoch else {}
+        ckpt.set_rng_state(state["rng"])
+        self._boundary_rng = state["rng"]
+        self.runlog.resume(self.state.epoch)
+        log.info("resumed at epoch %d, batch %d, step %d", self.state.epoch + 1, self.state.batch_in_epoch,
+                 self.state.step)
+
+    # ------------------------------------------------------------------ helpers
+    def _train_loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.state.epoch)
+        self.sampler.skip = self.state.batch_in_epoch * self.cfg.data.batch_size
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.state.epoch)
+        return DataLoader(self.train_set, batch_size=self.cfg.data.batch_size, sampler=self.sampler,
+                          collate_fn=self.collate, num_workers=self.cfg.data.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _batches_left(self) -> int:
+        return math.ceil(len(self.sampler) / self.cfg.data.batch_size)
+
+    def _done(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
+
+    def _bar(self) -> bool:
+        return self.info.is_main and self.cfg.train.progress_bar
+
+    def _wrap(self, module: Pipeline) -> torch.nn.Module:
+        model: torch.nn.Module = module
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(module, device_ids=ids,
+                                            find_unused_parameters=self.cfg.train.find_unused_parameters)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or self.cfg.train.precision == "fp32":
+            return None
+        return torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16
+
+    def _autocast(self):
+        dtype = self._amp_dtype()
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else _null()
+
+    def _maybe_no_sync(self, skip_sync: bool):
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if skip_sync and no_sync is not None else _null()
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        images = batch["images"]
+        if isinstance(images, torch.Tensor) and self.cfg.data.images_to_device:
+            images = images.to(self.device, non_blocking=True)
+        targets = {t: v.to(self.device, non_blocking=True) for t, v in batch["targets"].items()}
+        return images, targets
+
+    def _sync_flags(self, bad: bool, stop: bool) -> tuple[bool, bool]:
+        flags = dist.all_reduce_sum(torch.tensor([float(bad), float(stop)]), self.info)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _non_finite(self, loss: torch.Tensor) -> dict[str, float]:
+        if not self.cfg.train.skip_nan_updates:
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self.state.step}; the last good "
+                f"checkpoint is kept in {self.run_dir}. Lower optim.lr, set optim.clip_norm, or set "
+                f"train.skip_nan_updates=true to skip such updates")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nan_skips += 1
+        self.state.batch_in_epoch += 1
+        log.warning("non-finite loss at step %d: update skipped (%d so far)", self.state.step, self.state.nan_skips)
+        return {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _stop(self) -> None:
+        """Save the state at the last update boundary and leave (the resumed run redoes the rest)."""
+        self.state.batch_in_epoch -= self.state.batch_in_epoch % self.cfg.train.grad_accum
+        self.save()
+        raise Interrupted(self._stop_signal or signal.SIGTERM)
+
+    def _is_best(self, metrics: dict[str, float]) -> bool:
+        if not metrics:
+            return False
+        key = self.cfg.eval.metric or next(k for k in metrics if k != "loss")
+        if key not in metrics:
+            raise HrselError(f"eval.metric {key!r} is not among the metrics {', '.join(metrics)}")
+        value, lower = metrics[key], key.endswith("loss")
+        better = self.state.best is None or (value < self.state.best if lower else value > self.state.best)
+        if better and math.isfinite(value):
+            self.state.best = value
+            return True
+        return False
+
+    @staticmethod
+    def _accumulate(sums: dict[str, float], logs: dict[str, float]) -> None:
+        sums["_n"] = sums.get("_n", 0) + (1 if logs else 0)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+
+    def _reduce_means(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(k for k in sums if k != "_n")
+        totals = dist.all_reduce_sum(torch.tensor([sums.get("_n", 0.0)] + [sums[k] for k in keys],
+                                                  dtype=torch.float64), self.info)
+        n = max(totals[0].item(), 1.0)
+        return {k: totals[i + 1].item() / n for i, k in enumerate(keys)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _default_collate() -> Callable:
+    from hrsel.data.collate import collate
+
+    return collate
+
+
+def _limit(dataset, n: int):
+    if dataset is None or not n or n >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(n))
+    subset.tasks = getattr(dataset, "tasks", None)
+    return subset
+
+
+def _class_weights(dataset, tasks: dict[str, TaskSpec]) -> dict[str, torch.Tensor]:
+    """Inverse-frequency class weights from the training targets (reads every item's targets once)."""
+    counts = {t: torch.zeros(spec.num_classes, dtype=torch.float64) for t, spec in tasks.items()}
+    for i in range(len(dataset)):
+        for t, spec in tasks.items():
+            y = torch.as_tensor(dataset[i]["targets"][t])
+            if spec.kind == "multiclass":
+                counts[t][int(y)] += 1
+            else:
+                counts[t] += y.double().reshape(-1)
+    return {t: M.class_balanced_weights(counts[t], spec, len(dataset)) for t, spec in tasks.items()}
+
+
+def _readable(target: torch.Tensor, spec: TaskSpec) -> Any:
+    if spec.kind == "multilabel":
+        return [torch.nonzero(row > 0.5).flatten().tolist() for row in target]
+    return target.reshape(len(target), -1)[:, 0].long().tolist() if spec.kind == "binary" else target.tolist()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:60]

@@ -1,0 +1,66 @@
+"""Optimisers and learning-rate schedules.
+
+The schedule is a pure function of the update step, so resuming needs only the
+step: `set_lr(optimizer, base_lr * lr_factor(step, ...))` before every update.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
+                    betas: Iterable[float] = (0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or SGD with momentum; no decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer {name!r} is not one of adamw, sgd")
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+              min_lr_ratio: float = 0.0, milestones: Iterable[int] = (), gamma: float = 0.1) -> float:
+    """Multiplier of the base lr at update `step` (0-based).
+
+    Linear warm-up from 1/(warmup+1) to 1 over `warmup_steps`, then:
+    cosine: half a cosine from 1 to `min_lr_ratio` at `total_steps`;
+    piecewise: x gamma at each milestone step (CUB: epochs 60 and 80);
+    constant: 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "piecewise":
+        return gamma ** sum(step >= m for m in milestones)
+    if schedule == "cosine":
+        span = max(total_steps - warmup_steps, 1)
+        progress = min((step - warmup_steps) / span, 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule {schedule!r} is not one of cosine, piecewise, constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(parameters: Iterable[torch.Tensor], *, clip_value: float = 0.0, clip_norm: float = 0.0) -> float | None:
+    """Clip by value and/or global norm (0 disables either); returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if clip_value > 0:
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+    if clip_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    return None

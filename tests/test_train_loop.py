@@ -1,0 +1,236 @@
+"""The training loop through `hrsel.train.main` with a toy pipeline and data set.
+
+The toy script is written to tmp_path and run as a subprocess: it swaps the data
+set / pipeline builders of `hrsel.train` for tiny local ones, so these tests pin
+the loop, the checkpoints, resume after SIGKILL, signals and 2-process DDP.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY = r'''
+import os, signal, sys
+import torch
+from torch import nn
+import hrsel.train as T
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+from hrsel.tasks import TaskSpec
+
+TASKS = {"where": TaskSpec("multiclass", 4), "bright": TaskSpec("binary", 1)}
+LOADED = [0]
+
+
+class ToyData(torch.utils.data.Dataset):
+    """32x32 gray images, one bright 8x8 square in one of 16 cells; label = its row (4 classes)."""
+
+    tasks = TASKS
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.cells = torch.randint(0, 16, (n,), generator=g)
+        self.noise = torch.randint(0, 60, (n, 1, 32, 32), generator=g).to(torch.uint8)
+        self.level = torch.randint(120, 255, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.cells)
+
+    def __getitem__(self, i):
+        LOADED[0] += 1
+        if LOADED[0] == int(os.environ.get("TOY_KILL_AT", "0")):
+            os.kill(os.getpid(), int(os.environ.get("TOY_SIGNAL", signal.SIGKILL)))
+        image = self.noise[i].clone()
+        r, c = divmod(int(self.cells[i]), 4)
+        image[:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = int(self.level[i])
+        targets = {"where": torch.tensor(r), "bright": torch.tensor(float(self.level[i] > 190))}
+        return {"image": image, "targets": targets, "id": f"toy{i}"}
+
+
+def collate(items):
+    return {"images": torch.stack([it["image"] for it in items]),
+            "targets": {t: torch.stack([it["targets"][t] for it in items]) for t in TASKS},
+            "ids": [it["id"] for it in items]}
+
+
+class ToyPipeline(Pipeline):
+    def __init__(self, *, tasks, k=2, dim=16, nan_after=0):
+        super().__init__()
+        self.k, self.nan_after, self.calls = k, nan_after, 0
+        self.embed = nn.Linear(64, dim)
+        self.score = nn.Linear(dim, 1)
+        self.drop = nn.Dropout(0.1)
+        self.heads = nn.ModuleDict({t: nn.Linear(16, s.num_classes) for t, s in tasks.items()})
+
+    def forward(self, images):
+        x = images.float() / 255                                     # (B, 1, 32, 32)
+        b = x.shape[0]
+        patches = x.unfold(2, 8, 8).unfold(3, 8, 8).reshape(b, 16, 64)  # (B, N=16, 64) raster order
+        s = self.score(torch.relu(self.embed(patches))).squeeze(-1)  # (B, N)
+        idx = s.topk(self.k, dim=1).indices.sort(dim=1).values       # (B, K)
+        z = self.drop(4 * patches.mean(-1) * (1 + torch.sigmoid(s)))  # (B, N) patch brightness, gated
+        logits = {t: head(z) for t, head in self.heads.items()}
+        self.calls += int(self.training)
+        if self.nan_after and self.training and self.calls > self.nan_after:
+            logits = {t: v * float("nan") for t, v in logits.items()}
+        return PipelineOutput(logits=logits, indices=idx, scores=s.detach(), stats={"patches_scored": 16.0})
+
+
+T.preflight = lambda cfg: None
+T.load_collate = lambda: collate
+T.build_datasets = lambda cfg: (ToyData(int(cfg.data.options.get("n_train", 64)), 1),
+                                ToyData(int(cfg.data.options.get("n_test", 32)), 2))
+T.build_pipeline = lambda cfg, tasks: ToyPipeline(tasks=tasks, **cfg.model.options)
+torch.set_num_threads(1)
+sys.exit(T.main(sys.argv[1:]))
+'''
+
+CONFIG = """
+experiment: toy
+seed: 3
+device: cpu
+data:
+  name: toy
+  root: {root}
+  batch_size: 8
+  n_train: 64
+  n_test: 32
+model:
+  name: toy
+  k: 2
+optim:
+  lr: 0.05
+  weight_decay: 0.01
+  warmup_epochs: 0.5
+train:
+  epochs: 3
+  checkpoint_every: 3
+  progress_bar: false
+eval:
+  pictures: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    script = folder / "toy_train.py"
+    script.write_text(TOY)
+    config = folder / "toy.yaml"
+    config.write_text(CONFIG.format(root=folder))
+    return script, config
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy, tmp_path_factory):
+    """One uninterrupted 3-epoch run, shared by the tests that compare against it."""
+    script, config = toy
+    out_dir = tmp_path_factory.mktemp("reference")
+    out = run_toy(script, config, f"--output-dir={out_dir}")
+    return out, out_dir / "toy"
+
+
+def run_toy(script, config, *args, env=None, launcher=None, timeout=120):
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(script), str(config), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=timeout, cwd=REPO)
+
+
+def all_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def last_row(run_dir: Path) -> dict:
+    return all_rows(run_dir)[-1]
+
+
+def test_toy_run_learns_and_writes_everything(reference_run):
+    out, run = reference_run
+    assert out.returncode == 0, out.stderr
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "train.log"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir()), "no TensorBoard event file"
+    assert len(list((run / "pictures").glob("epoch003_*.png"))) == 2
+    row = last_row(run)
+    assert float(row["test/where/accuracy"]) > 0.5  # chance is 0.25
+    for key in ("ms_per_batch", "images_per_s", "patches_per_s", "peak_memory_mb", "lr", "train_loss"):
+        assert float(row[key]) > 0, key
+    assert float(row["patches_per_s"]) == pytest.approx(16 * float(row["images_per_s"]))
+    assert "test where/accuracy:" in out.stdout and "peak memory:" in out.stdout
+    assert out.stderr.count("epoch 3/3") == 1
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(toy, reference_run, tmp_path):
+    script, config = toy
+    assert reference_run[0].returncode == 0
+    # 1 dry-run item + 64 train + 32 test items = 97 after epoch 1; item 116 is in batch 3 of epoch 2,
+    # after the step-9 checkpoint
+    killed = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", env={"TOY_KILL_AT": "116"})
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 9)
+    resumed = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    rows_a, rows_b = all_rows(reference_run[1]), all_rows(tmp_path / "b" / "toy")
+    assert [r["epoch"] for r in rows_b] == ["1", "2", "3"]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("step", "lr", "test/where/accuracy", "test/bright/auc", "test/loss", "train_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-7), (a["epoch"], key)
+    wa = torch.load(reference_run[1] / "last.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["model"]
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(toy, tmp_path):
+    script, config = toy
+    out = run_toy(script, config, f"--output-dir={tmp_path / 'r'}", "train.checkpoint_every=0",
+                  env={"TOY_KILL_AT": "20", "TOY_SIGNAL": str(int(signal.SIGTERM))})
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert "SIGTERM" in out.stderr and "--resume" in out.stderr
+    state = torch.load(tmp_path / "r" / "toy" / "last.pt", weights_only=False)["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 2, 2)
+
+
+def test_non_finite_loss_stops_or_is_skipped(toy, tmp_path):
+    script, config = toy
+    out = run_toy(script, config, f"--output-dir={tmp_path / 's'}", "model.nan_after=10")
+    assert out.returncode == 1
+    assert "loss is nan" in out.stderr and "skip_nan_updates" in out.stderr
+    state = torch.load(tmp_path / "s" / "toy" / "last.pt", weights_only=False)
+    assert state["train_state"]["step"] == 9  # the step-9 checkpoint is the last good one; nan at step 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    out = run_toy(script, config, f"--output-dir={tmp_path / 'k'}", "model.nan_after=5",
+                  "train.skip_nan_updates=true", "train.epochs=1")
+    assert out.returncode == 0, out.stderr
+    row = last_row(tmp_path / "k" / "toy")
+    assert int(row["nan_skips"]) == 3 and int(row["step"]) == 5
+
+
+def test_two_process_gloo_ddp_completes_and_logs_once(toy, tmp_path):
+    script, config = toy
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
+    out = run_toy(script, config, f"--output-dir={tmp_path / 'd'}", "train.epochs=2", launcher=launcher,
+                  timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("epoch 2/2") == 1, out.stderr[-3000:]
+    assert out.stdout.count("test where/accuracy:") == 1
+    row = last_row(tmp_path / "d" / "toy")
+    assert int(row["step"]) == 2 * 4  # 64 items / (8 per batch * 2 ranks) per epoch
+    assert 0 <= float(row["test/where/accuracy"]) <= 1
+
+
+def test_gradient_accumulation_counts_updates(toy, tmp_path):
+    script, config = toy
+    out = run_toy(script, config, f"--output-dir={tmp_path / 'g'}", "train.epochs=1", "train.grad_accum=3")
+    assert out.returncode == 0, out.stderr
+    assert int(last_row(tmp_path / "g" / "toy")["step"]) == 3  # 8 batches: 3 + 3 + a final partial update
