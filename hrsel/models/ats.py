@@ -13,7 +13,7 @@ import torch
 
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
-from hrsel.models.patches import ImageBatch
+from hrsel.models.patches import ImageBatch, with_coordinate_channels
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
 from hrsel.select import entropy_regularizer
@@ -35,13 +35,18 @@ class ATSPipeline(Pipeline):
         head_hidden: optional Dense + swish before each classifier.
         entropy_coef: coef * H(attention) added to the loss (ATS regularises the entropy).
         sample_at_inference: draw at eval too instead of taking the top-K.
+        coord_channels: append x and y coordinate channels to the image, seen by both the
+            attention and the feature network (DPS "ATS + concat. position").
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100, k: int = 5,
                  downscale: int = 3, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  backbone: str = "narrow_resnet", backbone_options: dict[str, Any] | None = None,
-                 head_hidden: int | None = None, entropy_coef: float = 0.0, sample_at_inference: bool = False):
+                 head_hidden: int | None = None, entropy_coef: float = 0.0, sample_at_inference: bool = False,
+                 coord_channels: bool = False):
         super().__init__()
+        self.coord_channels = coord_channels
+        in_chans = in_chans + 2 * coord_channels
         self.patch_size, self.k, self.downscale = patch_size, k, downscale
         self.entropy_coef, self.sample_at_inference = entropy_coef, sample_at_inference
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
@@ -49,6 +54,8 @@ class ATSPipeline(Pipeline):
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
 
     def forward(self, images) -> PipelineOutput:
+        if self.coord_channels:
+            images = with_coordinate_channels(images)
         batch = ImageBatch(images, device=next(self.parameters()).device)
         grid = self.scorer(batch.downscaled(self.downscale))  # (B, rows, cols)
         geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)

@@ -5,7 +5,7 @@ from typing import Any
 
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
-from hrsel.models.patches import ImageBatch
+from hrsel.models.patches import ImageBatch, with_coordinate_channels
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.tasks import TaskSpec
 
@@ -19,17 +19,20 @@ class CNNPipeline(Pipeline):
         downscale: integer block-mean factor applied first (1 = full resolution).
         backbone, backbone_options: name in BACKBONES and options.
         head_hidden: optional Dense + swish before each classifier.
+        coord_channels: append x and y coordinate channels to the image (DPS "concat. position").
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, downscale: int = 1,
                  backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
-                 head_hidden: int | None = None):
+                 head_hidden: int | None = None, coord_channels: bool = False):
         super().__init__()
-        self.downscale = downscale
-        self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
+        self.downscale, self.coord_channels = downscale, coord_channels
+        self.backbone = build_backbone(backbone, in_chans=in_chans + 2 * coord_channels, **(backbone_options or {}))
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
 
     def forward(self, images) -> PipelineOutput:
+        if self.coord_channels:
+            images = with_coordinate_channels(images)
         batch = ImageBatch(images, device=next(self.parameters()).device)
         features = self.backbone(batch.full(downscale=self.downscale))  # (B, D)
         return PipelineOutput(logits=self.heads(features[:, None]))

@@ -34,14 +34,19 @@ class SoftTopK(torch.nn.Module):
         sigma_schedule: constant | linear | cosine (DPS: linear to sigma_final = 0).
         sigma_final: sigma at the end of training.
         sinkhorn_epsilon, sinkhorn_iterations: for selector "sinkhorn".
+        inference_selector: "hard" (DPS: hard top-K at inference) or "soft" (keep the
+            training selector at inference, as in the supplement's ablations).
     """
 
     def __init__(self, *, k: int, selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
                  sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
-                 sinkhorn_iterations: int = 200):
+                 sinkhorn_iterations: int = 200, inference_selector: str = "hard"):
         super().__init__()
         if selector not in SELECTORS:
             raise ConfigError(f"selector {selector!r} is unknown; valid: {', '.join(SELECTORS)}")
+        if inference_selector not in ("hard", "soft"):
+            raise ConfigError(f"inference_selector {inference_selector!r} is unknown; valid: hard, soft")
+        self.inference_selector = inference_selector
         self.k, self.selector, self.num_samples = k, selector, num_samples
         self.sigma0, self.sigma, self.sigma_final, self.schedule_kind = sigma, sigma, sigma_final, sigma_schedule
         self.epsilon, self.iterations = sinkhorn_epsilon, sinkhorn_iterations
@@ -54,7 +59,7 @@ class SoftTopK(torch.nn.Module):
 
     def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(B, N) raw scores -> (indicators (B, K, N) or None when hard, indices (B, K) in raster order)."""
-        if not self.training or self.selector == "hard":
+        if self.selector == "hard" or (not self.training and self.inference_selector == "hard"):
             return None, hard_topk(scores.detach(), self.k)
         if self.selector == "sinkhorn":
             y = sinkhorn_topk(scores, self.k, self.epsilon, self.iterations)
@@ -73,7 +78,7 @@ class DPSPipeline(Pipeline):
         k: patches selected (10). downscale: integer factor of the scorer's input (4).
         scorer, scorer_options: name in SCORERS ("dps", "se", "resnet_stem") and options.
         selector, num_samples, sigma, sigma_schedule, sigma_final, sinkhorn_epsilon,
-        sinkhorn_iterations: see `SoftTopK`.
+        sinkhorn_iterations, inference_selector: see `SoftTopK`.
         entropy_coef: adds coef * H(softmax(scores)) to the loss; DPS configs use -0.01 (a bonus).
         backbone, backbone_options, aggregator, aggregator_options, head_hidden: see `PatchClassifier`.
         pos_encoding: none | learned | sincos; the soft indicators weight the table (DPS),
@@ -86,7 +91,8 @@ class DPSPipeline(Pipeline):
                  downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
                  sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
-                 sinkhorn_iterations: int = 200, entropy_coef: float = 0.0, backbone: str = "resnet18",
+                 sinkhorn_iterations: int = 200, inference_selector: str = "hard", entropy_coef: float = 0.0,
+                 backbone: str = "resnet18",
                  backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
                  aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
                  pos_encoding: str = "none", num_positions: int = 0, extract_chunk: int = 64):
@@ -96,7 +102,8 @@ class DPSPipeline(Pipeline):
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
         self.select = SoftTopK(k=k, selector=selector, num_samples=num_samples, sigma=sigma,
                                sigma_schedule=sigma_schedule, sigma_final=sigma_final,
-                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations)
+                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
+                               inference_selector=inference_selector)
         agg_options = dict(aggregator_options or {})
         if pos_encoding != "none":
             agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)

@@ -36,7 +36,7 @@ class DPSCandidatesPipeline(Pipeline):
         scorer, scorer_options: name in SCORERS and options (each patch gets one score,
             the max of its score map).
         selector, num_samples, sigma, sigma_schedule, sigma_final, sinkhorn_epsilon,
-        sinkhorn_iterations: see `hrsel.models.dps.SoftTopK`.
+        sinkhorn_iterations, inference_selector: see `hrsel.models.dps.SoftTopK`.
         entropy_coef: coef * H(softmax(candidate scores)) added to the loss.
         backbone, backbone_options, aggregator, aggregator_options, head_hidden: see `PatchClassifier`.
         pos_encoding, num_positions: positional table over grid cells, indexed by the hard
@@ -48,7 +48,8 @@ class DPSCandidatesPipeline(Pipeline):
                  score_downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
                  sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
-                 sinkhorn_iterations: int = 200, entropy_coef: float = 0.0, backbone: str = "resnet18",
+                 sinkhorn_iterations: int = 200, inference_selector: str = "hard", entropy_coef: float = 0.0,
+                 backbone: str = "resnet18",
                  backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
                  aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
                  pos_encoding: str = "none", num_positions: int = 0):
@@ -61,7 +62,8 @@ class DPSCandidatesPipeline(Pipeline):
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
         self.select = SoftTopK(k=k, selector=selector, num_samples=num_samples, sigma=sigma,
                                sigma_schedule=sigma_schedule, sigma_final=sigma_final,
-                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations)
+                               sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
+                               inference_selector=inference_selector)
         agg_options = dict(aggregator_options or {})
         if pos_encoding != "none":
             agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)

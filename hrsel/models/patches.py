@@ -24,6 +24,21 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+def with_coordinate_channels(images: Any) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C + 2, H, W) float: the image in [0, 1] plus x and y in [0, 1].
+
+    DPS's "concat. position" baselines: the position becomes visible to a network that
+    otherwise only sees pixels. In-memory images only (a lazy source has no channels to add).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError("coord_channels=True needs in-memory (B, C, H, W) images, not lazy sources; "
+                         "load the images as tensors (the data set's as_source=False) or turn it off")
+    b, _, h, w = images.shape
+    ys = torch.linspace(0, 1, h, device=images.device).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(0, 1, w, device=images.device).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([_to_float(images), xs, ys], dim=1)
+
+
 class ImageBatch:
     """B images of one size: a (B, C, H, W) tensor (uint8 or float in [0, 1]) or a list of sources."""
 
