@@ -22,14 +22,19 @@ class PatchClassifier(nn.Module):
         aggregator / aggregator_options: name in AGGREGATORS and its options (in_dim and
             num_tokens are filled in: one query per task for "attention").
         head_hidden: width of the Dense + swish layer before each classifier (None: none).
+        pos_encoding / num_positions: positional table of the aggregator (none | learned | sincos)
+            over `num_positions` grid cells.
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, backbone: str = "resnet18",
                  backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
-                 aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None):
+                 aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
+                 pos_encoding: str = "none", num_positions: int = 0):
         super().__init__()
         self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
         agg_options = dict(aggregator_options or {})
+        if pos_encoding != "none":
+            agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
         if aggregator == "attention":
             agg_options.setdefault("num_tokens", len(tasks))
         self.aggregator = build_aggregator(aggregator, in_dim=self.backbone.out_dim, **agg_options)

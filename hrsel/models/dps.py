@@ -104,12 +104,10 @@ class DPSPipeline(Pipeline):
                                sigma_schedule=sigma_schedule, sigma_final=sigma_final,
                                sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
                                inference_selector=inference_selector)
-        agg_options = dict(aggregator_options or {})
-        if pos_encoding != "none":
-            agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
         self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
                                           backbone_options=backbone_options, aggregator=aggregator,
-                                          aggregator_options=agg_options, head_hidden=head_hidden)
+                                          aggregator_options=aggregator_options, head_hidden=head_hidden,
+                                          pos_encoding=pos_encoding, num_positions=num_positions)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.select.set_progress(step, total_steps)

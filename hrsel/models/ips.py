@@ -52,11 +52,10 @@ class IPSPipeline(Pipeline):
             raise ConfigError(f"IPS mode {mode!r} is unknown; valid: {', '.join(MODES)}")
         self.patch_size, self.stride = patch_size, stride
         self.num_selected, self.chunk_size, self.shuffle, self.mode = num_selected, chunk_size, shuffle, mode
-        agg_options = dict(aggregator_options or {})
-        agg_options.update(pos_encoding=pos_encoding, num_positions=num_positions)
         self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
                                           backbone_options=backbone_options, aggregator="attention",
-                                          aggregator_options=agg_options, head_hidden=head_hidden)
+                                          aggregator_options=aggregator_options, head_hidden=head_hidden,
+                                          pos_encoding=pos_encoding, num_positions=num_positions)
 
     def _score(self, items: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.classifier.aggregator.attention_scores(items, mask=mask, positions=indices)
