@@ -218,7 +218,8 @@ def test_non_finite_loss_stops_or_is_skipped(toy, tmp_path):
 
 def test_two_process_gloo_ddp_completes_and_logs_once(toy, tmp_path):
     script, config = toy
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
+    # --standalone picks a free port: a fixed one collides with another run on the machine
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = run_toy(script, config, f"--output-dir={tmp_path / 'd'}", "train.epochs=2", launcher=launcher,
                   timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
