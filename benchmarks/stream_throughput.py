@@ -1,7 +1,7 @@
 """Which limits the streaming scoring pass: reading/decoding patches, or scoring them?
 
 Over a synthetic pyramidal TIFF (the cached one of `io_stream.py`), three rates in patches/s:
-  read     `hrsel.tiling.stream_patches` alone (CPU threads read and decode JPEG tiles),
+  read     `hrsel.tiling.stream_patches` alone (CPU threads read and inflate deflate tiles),
            for each `--workers` count: the bound set by I/O;
   score    the no-grad IPS scoring pass on patches already in memory (uint8 on the device):
            encode each chunk of I patches with the backbone, score buffer + chunk with the

@@ -60,3 +60,17 @@ def test_stream_throughput_quick(tmp_path):
     assert phases == [("score", None), ("read", 1), ("stream", 1)]
     assert result["patches"] == 24 and all(r["patches_per_s"] > 0 for r in result["rows"])
     assert result["rows"][2]["limiter"] in ("reading", "scoring")
+
+
+def test_io_stream_tiny(tmp_path):
+    out = tmp_path / "io.json"
+    stdout = run("io_stream.py", "--sizes", "2048", "--memory-size", "1024", "--rounds", "1", "--repeats", "1",
+                 "--naive-max-patches", "20", "--cache", str(tmp_path / "cache"), "--json", str(out))
+    rows = {(r["case"], r["method"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("pyramid 2k^2", m) for m in ("stream", "naive", "stream_capped", "unfold")} | {
+        ("in-memory 1k^2", m) for m in ("numba", "unfold", "numpy_loop")}
+    assert rows["pyramid 2k^2", "stream"]["patches"] == 64 and rows["pyramid 2k^2", "naive"]["patches"] == 20
+    assert rows["pyramid 2k^2", "stream_capped"]["patches"] == 20  # the ratio compares the same patches
+    assert all(len(r["patches_per_s_rounds"]) == 1 and r["patches_per_s"] > 0 and r["peak_rss_mb"] > 0
+               for r in rows.values())
+    assert "pyramid 2k^2: stream_capped / naive" in stdout and "numba / unfold" in stdout

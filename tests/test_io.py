@@ -104,6 +104,106 @@ def test_pyramid_regions_crossing_the_edge_are_padded(pyramid, image, level, x, 
         np.testing.assert_array_equal(source.read_region(x, y, 100, 90, level=level), expected)
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiff", "zarr"])
+@pytest.mark.parametrize("x, y", [(0, 0), (256, 256), (-40, 30), (650, 550)])
+def test_read_region_into_out(pyramid, image, backend, x, y):
+    source = open_image(pyramid, backend=backend)
+    out = np.zeros((300, 400, 3), np.uint8)
+    assert source.read_region(x, y, 400, 300, out=out) is out
+    np.testing.assert_array_equal(out, padded_reference(image, x, y, 400, 300, source.fill))
+    view = np.zeros((300, 800, 3), np.uint8)[:, ::2]  # a strided view is written in place too
+    source.read_region(x, y, 400, 300, out=view)
+    np.testing.assert_array_equal(view, out)
+    with pytest.raises(ValueError, match=r"out must be .*\(300, 400, 3\)"):
+        source.read_region(x, y, 400, 300, out=np.zeros((300, 400), np.uint8))
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzw", "zstd", "jpeg", None])
+def test_tiff_tile_sized_out_is_decompressed_in_place(tmp_path, image, compression, monkeypatch):
+    path = tmp_path / f"{compression}.tif"
+    write_pyramid(path, image, levels=1, tile=64, compression=compression)
+    source = TiffSource(path)
+    expected = image if compression != "jpeg" else source.read_region(0, 0, 700, 600)
+    region = source.read_region(64, 128, 192, 128)  # 2 x 3 whole tiles into strided windows: decode + copy
+    np.testing.assert_array_equal(region, expected[128:256, 64:256])
+    if compression in ("zlib", "lzw", "zstd"):  # a tile-sized `out` skips tifffile's decode + copy
+        monkeypatch.setattr(TiffSource, "_decode", staticmethod(lambda *a: pytest.fail("decoded with a copy")))
+    patch = np.empty((64, 64, 3), np.uint8)
+    assert source.read_region(320, 64, 64, 64, out=patch) is patch
+    np.testing.assert_array_equal(patch, expected[64:128, 320:384])
+
+
+def test_tiff_repeated_blank_tiles_are_inflated_once(tmp_path, monkeypatch):
+    from hrsel.io import tiff as tiff_module
+    from hrsel.io.writer import write_sparse_pyramid
+
+    rng = np.random.default_rng(0)
+    tissue = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "sparse.tif"
+    write_sparse_pyramid(path, size=(64 * 8, 64 * 4), tile=64, levels=1,
+                         tile_fn=lambda level, tx, ty: tissue if tx == ty else None)  # 4 tissue, 28 blank tiles
+    inflated = []  # one entry per segment actually decompressed
+
+    def counted(original):
+        def call(*args):
+            result = original(*args)
+            if result is not False:  # `_decompress_into` says False when it did not decompress
+                inflated.append(1)
+            return result
+        return staticmethod(call)
+
+    for name in ("_decompress_into", "_decode"):
+        monkeypatch.setattr(TiffSource, name, counted(getattr(TiffSource, name)))
+    source = TiffSource(path)
+    whole = source.read_region(0, 0, 512, 256)
+    patch = np.empty((64, 64, 3), np.uint8)
+    for ty in range(4):
+        for tx in range(8):
+            np.testing.assert_array_equal(source.read_region(64 * tx, 64 * ty, 64, 64, out=patch),
+                                          tissue if tx == ty else np.full((64, 64, 3), 255, np.uint8))
+            np.testing.assert_array_equal(patch, whole[64 * ty : 64 * ty + 64, 64 * tx : 64 * tx + 64])
+    assert len(inflated) == 1 + 4 + 4  # blank inflated once; each tissue tile once per read (never kept)
+    kept = list(source.handle.repeats.values())
+    assert len(kept) == 1 and not kept[0].flags.writeable
+    monkeypatch.setattr(tiff_module, "REPEAT_BUDGET", 0)  # nothing fits: every blank tile inflated again
+    fresh = TiffSource(path)
+    inflated.clear()
+    fresh.read_region(0, 64, 512, 64)
+    assert len(inflated) == 8 and not fresh.handle.repeats
+
+
+@pytest.mark.parametrize("backend", ["tiff", "zarr", "array"])
+def test_read_level_patches_matches_regions(pyramid, image, backend):
+    source = ArraySource(image) if backend == "array" else open_image(pyramid, backend=backend)
+    coords = np.array([[0, 0], [256, 256], [-20, 30], [650, 560], [300, -64]])
+    got = source.read_level_patches(coords, 64)
+    assert got.shape == (5, 64, 64, 3)
+    for patch, (x, y) in zip(got, coords):
+        np.testing.assert_array_equal(patch, padded_reference(image, x, y, 64, 64, source.fill))
+    level1 = source.read_level_patches(coords[:2] // 2, 32, level=1) if backend != "array" else None
+    if level1 is not None:
+        np.testing.assert_array_equal(level1[1], reference_levels(image)[1][128:160, 128:160])
+    with pytest.raises(ValueError, match=r"out must be .*\(5, 64, 64, 3\)"):
+        source.read_level_patches(coords, 64, out=np.empty((5, 3, 64, 64), np.uint8))
+
+
+def test_tiff_missing_tiles_read_as_fill(tmp_path, image):
+    import tifffile
+
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, image[:100, :130], tile=(32, 32), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # a sparse TIFF: byte count 0 = tile never written
+        tag = tif.pages[0].tags["TileByteCounts"]
+        counts = list(tag.value)
+        counts[1] = counts[5] = 0  # 5 tiles per row: (row 0, col 1) and (row 1, col 0)
+        tag.overwrite(counts)
+    expected = image[:100, :130].copy()
+    expected[0:32, 32:64] = expected[32:64, 0:32] = 7
+    source = TiffSource(path, fill=7)
+    np.testing.assert_array_equal(source.read_region(0, 0, 130, 100), expected)
+    np.testing.assert_array_equal(source.read_region(20, 20, 30, 30), expected[20:50, 20:50])
+
+
 def test_open_image_picks_backend(tmp_path, pyramid, image):
     from PIL import Image
 

@@ -130,3 +130,19 @@ def test_every_error_is_an_hrsel_error_and_an_oserror(tmp_path):
         PillowSource(tmp_path / "missing.png").read_region(0, 0, 1, 1)
     with pytest.raises(OSError):
         ZarrSource(str(tmp_path / "missing.zarr")).read_region(0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("tile_sized_out", [True, False])
+def test_corrupt_tile_raises_whether_decoded_in_place_or_not(tmp_path, good_tiff, tile_sized_out):
+    import tifffile
+
+    with tifffile.TiffFile(good_tiff) as tif:
+        offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
+    data = bytearray(open(good_tiff, "rb").read())
+    data[offset + 2 : offset + count] = b"\xff" * (count - 2)  # keep the zlib header, garble the stream
+    path = tmp_path / "garbled.tif"
+    path.write_bytes(bytes(data))
+    source = open_image(path, backend="tiff")
+    out = np.empty((128, 128, 3), np.uint8) if tile_sized_out else None
+    with pytest.raises(ImageReadError, match="garbled.tif.*corrupt"):
+        source.read_region(128, 0, 128, 128, out=out)

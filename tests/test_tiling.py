@@ -45,6 +45,16 @@ def test_extract_patches_matches_numpy_including_edges(image, parallel):
     np.testing.assert_array_equal(out, ref_extract(image, coords, 16, 9))
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_extract_patches_channels_last_matches_numpy(image, parallel):
+    coords = np.array([[0, 0], [120, 90], [-10, -5], [-40, 50], [125, -3], [60, 30], [200, 200]])
+    out = kernels.extract_patches(image, coords, 16, fill=9, parallel=parallel, channels_last=True)
+    assert out.shape == (len(coords), 16, 16, 3)
+    np.testing.assert_array_equal(out, ref_extract(image, coords, 16, 9).transpose(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"\(7, 16, 16, 3\)"):
+        kernels.extract_patches(image, coords, 16, out=np.empty((7, 3, 16, 16), np.uint8), channels_last=True)
+
+
 def test_extract_patches_reuses_out_and_checks_inputs(image):
     coords = np.array([[1, 2], [3, 4]])
     buffer = np.zeros((2, 3, 8, 8), np.uint8)
@@ -127,6 +137,16 @@ def test_grid_at_level_and_cover():
     np.testing.assert_array_equal(grid.coords[:4], [[0, 0], [256, 0], [512, 0], [0, 256]])
     covering = PatchGrid(image_size=(1000, 800), patch_size=64, level=2, downsample=4.0, level_size=(250, 200), cover=True)
     assert covering.shape == (4, 4) and covering.level_coords[-1].tolist() == [192, 192]
+
+
+def test_grid_coords_computed_once_and_subsets_get_their_own():
+    grid = PatchGrid(image_size=(1000, 700), patch_size=64, stride=48, level=1, downsample=2.0)
+    assert grid.coords is grid.coords  # cached: indexing it in a loop stays O(1) per access
+    keep = np.array([5, 0, len(grid) - 1])
+    sub = grid.subset(keep)
+    assert sub.coords is not grid.coords
+    np.testing.assert_array_equal(sub.coords, grid.coords[keep])
+    np.testing.assert_array_equal(sub.coords, np.rint(sub.level_coords * 2.0).astype(np.int64))
 
 
 def test_grid_rejects_bad_arguments():

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from hrsel.errors import ImageReadError
-from hrsel.io import ArraySource, ZarrSource, open_image
+from hrsel.io import ArraySource, TiffSource, ZarrSource, open_image
 from hrsel.io.resize import block_mean
 from hrsel.io.writer import write_pyramid
 from hrsel.tiling import PatchChunk, PatchGrid, read_patches, stream_patches
-from hrsel.tiling.stream import row_runs
+from hrsel.tiling import stream as stream_module
+from hrsel.tiling.stream import row_runs, tile_aligned
 
 
 def reference_patches(level_image: np.ndarray, level_coords: np.ndarray, size: int, fill: int) -> np.ndarray:
@@ -43,12 +44,14 @@ def tiff(tmp_path_factory, image) -> str:
 def collect(chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     chunks = list(chunks)
     assert all(isinstance(c, PatchChunk) and c.patches.dtype == torch.uint8 for c in chunks)
+    assert all(c.patches.is_contiguous(memory_format=torch.channels_last) for c in chunks)  # no transpose copy
     return (np.concatenate([c.indices for c in chunks]), np.concatenate([c.coords for c in chunks]),
             torch.cat([c.patches for c in chunks]).numpy())
 
 
 @pytest.mark.parametrize("workers, prefetch", [(0, 0), (1, 1), (2, 2), (3, 5)])
-@pytest.mark.parametrize("level, patch, stride, padding", [(0, 64, 64, 0), (0, 48, 40, 8), (1, 32, 100, 0)])
+@pytest.mark.parametrize("level, patch, stride, padding",
+                         [(0, 64, 64, 0), (0, 48, 40, 8), (1, 32, 100, 0), (0, 128, 128, 0), (0, 256, 384, 0)])
 def test_stream_from_tiff_matches_reference(tiff, image, workers, prefetch, level, patch, stride, padding):
     source = open_image(tiff)
     grid = PatchGrid.for_source(source, patch_size=patch, stride=stride, level=level, padding=padding, cover=True)
@@ -57,6 +60,44 @@ def test_stream_from_tiff_matches_reference(tiff, image, workers, prefetch, leve
     np.testing.assert_array_equal(indices, np.arange(len(grid)))
     np.testing.assert_array_equal(coords, grid.coords)
     np.testing.assert_array_equal(patches, reference_patches(level_image, grid.level_coords, patch, 255))
+
+
+@pytest.mark.parametrize("patch, stride, padding, aligned", [
+    (128, 128, 0, True), (256, 384, 0, True),  # whole 128-pixel tiles, decoded straight into the chunk
+    (64, 64, 0, False), (128, 64, 0, False), (128, 128, 8, False),  # part tiles, overlap, shifted grid
+])
+def test_tile_aligned_grids_decode_into_the_chunk(tiff, patch, stride, padding, aligned):
+    source = open_image(tiff)
+    assert source.tile_size(0) == (128, 128)
+    grid = PatchGrid.for_source(source, patch_size=patch, stride=stride, padding=padding)
+    assert tile_aligned(source, grid, grid.level_coords) == aligned
+    assert not tile_aligned(ArraySource(np.zeros((8, 8, 3), np.uint8)), PatchGrid(image_size=(8, 8), patch_size=4),
+                            np.zeros((1, 2), np.int64))
+
+
+class ThreadRecordingSource(TiffSource):
+    """Records which thread read each patch."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.threads: list[str] = []
+
+    def _read_into(self, handle, level, x, y, out):
+        self.threads.append(threading.current_thread().name)
+        super()._read_into(handle, level, x, y, out)
+
+
+@pytest.mark.parametrize("cheap_below, expect_inline", [(0.0, False), (10.0, True)])
+def test_cheap_chunks_are_read_in_the_calling_thread(tiff, monkeypatch, cheap_below, expect_inline):
+    monkeypatch.setattr(stream_module, "CHEAP_READ_S", cheap_below)
+    source = ThreadRecordingSource(tiff)
+    grid = PatchGrid.for_source(source, patch_size=128)  # whole tiles: one read per patch
+    chunks = list(stream_patches(source, grid, chunk_size=4, workers=2, prefetch=1))
+    assert sum(len(c.indices) for c in chunks) == len(grid) == len(source.threads)
+    first_chunk, rest = source.threads[:4], source.threads[8:]  # chunks 1 and 2 are handed out before any timing
+    assert all(name.startswith("hrsel-read") for name in first_chunk)
+    caller = threading.current_thread().name
+    assert all((name == caller) == expect_inline for name in rest)
 
 
 def test_stream_masked_grid_yields_positions_in_the_grid(tiff, image):
@@ -81,6 +122,7 @@ def test_stream_and_read_patches_in_memory(image, wrap):
     picked = np.array([3, 0, len(grid) - 1])
     gathered = read_patches(data, torch.from_numpy(grid.coords[picked]), 100, fill=0)
     assert gathered.shape == (3, 3, 100, 100) and gathered.dtype == torch.uint8
+    assert gathered.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_array_equal(gathered.numpy(), expected[picked])
 
 

@@ -57,6 +57,20 @@ class ImageSource:
         """(height, width, channels) uint8 from level pixels [y, y+h) x [x, x+w), all in bounds."""
         raise NotImplementedError
 
+    def _read_into(self, handle: Any, level: int, x: int, y: int, out: np.ndarray) -> None:
+        """Write the in-bounds window at (x, y) into `out` (h, w, channels), maybe a strided view.
+
+        Backends that can decode straight into memory override this and skip a copy.
+        """
+        out[...] = self._read(handle, level, x, y, out.shape[1], out.shape[0])
+
+    def tile_size(self, level: int = 0) -> tuple[int, int] | None:
+        """(width, height) of the blocks the file stores at `level` (tiles or strips), None if unknown.
+
+        Reads aligned to these blocks decode each block once.
+        """
+        return None
+
     def _close(self, handle: Any) -> None:
         close = getattr(handle, "close", None)
         if close is not None:
@@ -128,18 +142,23 @@ class ImageSource:
             )
         return int(level)
 
-    def read_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
+    def read_region(
+        self, x: int, y: int, width: int, height: int, level: int = 0, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Pixels (height, width, channels) uint8 of `level`, top-left at level-0 (x, y).
 
-        Pixels outside the image are `fill`.
+        Pixels outside the image are `fill`. With `out` (a writable (height, width,
+        channels) uint8 array) the pixels are written there and `out` is returned.
         """
         level = self.check_level(level)
         downsample = self.level_downsamples[level]
         lx = int(math.floor(x / downsample + 0.5))  # nearest level pixel
         ly = int(math.floor(y / downsample + 0.5))
-        return self.read_level_region(lx, ly, width, height, level)
+        return self.read_level_region(lx, ly, width, height, level, out=out)
 
-    def read_level_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
+    def read_level_region(
+        self, x: int, y: int, width: int, height: int, level: int = 0, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """As `read_region` but with (x, y) in pixels of `level` (exact for any downsample)."""
         level = self.check_level(level)
         width, height = int(width), int(height)
@@ -148,23 +167,58 @@ class ImageSource:
                 f"region size (width={width}, height={height}) of {self._name()} must be "
                 "positive; pass at least one pixel each way"
             )
+        if out is not None:
+            self._check_out(out, (height, width, self.channels))
         lx, ly = int(x), int(y)
         level_w, level_h = self.level_dimensions[level]
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
         inside = x0 == lx and y0 == ly and x1 == lx + width and y1 == ly + height
         if inside:
-            return self._checked_read(level, lx, ly, width, height)
-        out = np.full((height, width, self.channels), self.fill, dtype=np.uint8)
+            return self._checked_read(level, lx, ly, width, height, out)
+        if out is None:
+            out = np.empty((height, width, self.channels), dtype=np.uint8)
+        out[...] = self.fill
         if x1 > x0 and y1 > y0:
-            part = self._checked_read(level, x0, y0, x1 - x0, y1 - y0)
-            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = part
+            self._checked_read(level, x0, y0, x1 - x0, y1 - y0, out[y0 - ly : y1 - ly, x0 - lx : x1 - lx])
         return out
 
-    def _checked_read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_level_patches(
+        self, level_coords: np.ndarray, size: int, level: int = 0, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(n, size, size, channels) uint8 patches with top-left `level_coords` (n, 2) (x, y) in
+        pixels of `level`; pixels outside the image are `fill`. Checks once, not per patch."""
+        level = self.check_level(level)
+        coords = np.asarray(level_coords).reshape(-1, 2).tolist()  # Python ints: cheaper to loop on
+        expected = (len(coords), int(size), int(size), self.channels)
+        if out is None:
+            out = np.empty(expected, dtype=np.uint8)
+        self._check_out(out, expected)
+        level_w, level_h = self.level_dimensions[level]
+        for j, (x, y) in enumerate(coords):
+            if x >= 0 and y >= 0 and x + size <= level_w and y + size <= level_h:
+                self._checked_read(level, x, y, size, size, out[j])
+            else:
+                self.read_level_region(x, y, size, size, level, out=out[j])
+        return out
+
+    def _check_out(self, out: np.ndarray, expected: tuple[int, ...]) -> None:
+        if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != np.uint8 or not out.flags.writeable:
+            raise ValueError(
+                f"out must be a writable uint8 numpy array of shape {expected} for {self._name()}, got "
+                f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', None)}"
+            )
+
+    def _checked_read(
+        self, level: int, x: int, y: int, width: int, height: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         handle = self.handle
         try:
-            region = self._read(handle, level, x, y, width, height)
+            if out is None:
+                region = self._read(handle, level, x, y, width, height)
+            else:
+                self._read_into(handle, level, x, y, out)
+                region = out
         except ImageReadError:
             raise
         except Exception as error:  # decoder errors from truncated or corrupt files

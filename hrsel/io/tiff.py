@@ -19,6 +19,7 @@ from hrsel.io.base import ImageSource, Pyramid
 logger = logging.getLogger(__name__)
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+RAW_CODECS = {5, 8, 32946, 34925, 50000}  # LZW, deflate (both tags), LZMA, zstd: bytes out are pixels
 
 
 class TiffZarr(NamedTuple):
@@ -100,6 +101,11 @@ class TiffPages(NamedTuple):
     tif: Any
     fd: int  # a raw descriptor for os.pread: thread-safe reads without tifffile's lock
     pages: list  # the key page of every level, largest first
+    repeats: dict  # compressed bytes -> decoded segment, for byte-identical near-empty tiles
+
+
+REPEAT_RATIO = 64  # segments compressed this much (or more) are near-uniform: background, padding
+REPEAT_BUDGET = 8 << 20  # bytes of such decoded segments remembered per open file
 
 
 class TiffSource(ImageSource):
@@ -138,7 +144,7 @@ class TiffSource(ImageSource):
                         f"dtype {page.dtype}, depth {page.imagedepth}, planarconfig {page.planarconfig}; "
                         "use ZarrSource"
                     )
-            return TiffPages(tif, os.open(self.path, os.O_RDONLY), pages)
+            return TiffPages(tif, os.open(self.path, os.O_RDONLY), pages, {})
         except EOFError as error:
             tif.close()
             raise ImageReadError(str(error)) from error
@@ -151,31 +157,88 @@ class TiffSource(ImageSource):
         return Pyramid(dims, channels=int(handle.pages[0].samplesperpixel), mpp=tiff_mpp(handle.pages[0]))
 
     def _read(self, handle: TiffPages, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        page = handle.pages[level]
-        seg_h = page.tilelength if page.is_tiled else min(page.rowsperstrip, page.imagelength)
-        seg_w = page.tilewidth if page.is_tiled else page.imagewidth
-        cols = -(-page.imagewidth // seg_w)
-        out = np.empty((height, width, page.samplesperpixel), dtype=np.uint8)
-        for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
-            for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
-                index = row * cols + col
-                segment = self._segment(handle.fd, page, index)  # (seg rows, seg cols, S)
-                top, left = row * seg_h, col * seg_w
-                y0, y1 = max(y, top), min(y + height, top + segment.shape[0])
-                x0, x1 = max(x, left), min(x + width, left + segment.shape[1])
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = segment[y0 - top : y1 - top, x0 - left : x1 - left]
+        out = np.empty((height, width, handle.pages[level].samplesperpixel), dtype=np.uint8)
+        self._read_into(handle, level, x, y, out)
         return out
 
-    def _segment(self, fd: int, page: Any, index: int) -> np.ndarray:
+    def _read_into(self, handle: TiffPages, level: int, x: int, y: int, out: np.ndarray) -> None:
+        page = handle.pages[level]
+        height, width = out.shape[:2]
+        seg_w, seg_h = self._segment_shape(page)
+        cols = -(-page.imagewidth // seg_w)
+        for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
+            for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
+                top, left = row * seg_h, col * seg_w
+                y0, y1 = max(y, top), min(y + height, top + seg_h, page.imagelength)
+                x0, x1 = max(x, left), min(x + width, left + seg_w, page.imagewidth)
+                window = out[y0 - y : y1 - y, x0 - x : x1 - x]
+                data = self._segment_bytes(handle.fd, page, row * cols + col)
+                if data is None:  # a sparse TIFF's missing tile
+                    window[...] = self.fill
+                    continue
+                segment = handle.repeats.get((level, data))  # (seg rows, seg cols, S) or None
+                if segment is None:
+                    if window.shape[:2] == (seg_h, seg_w) and self._decompress_into(page, data, window):
+                        self._remember(handle, level, data, window)
+                        continue
+                    segment = self._decode(page, data, row * cols + col)
+                    self._remember(handle, level, data, segment)
+                window[...] = segment[y0 - top : y1 - top, x0 - left : x1 - left]
+
+    @staticmethod
+    def _remember(handle: TiffPages, level: int, data: bytes, segment: np.ndarray) -> None:
+        """Keep near-uniform segments: scanners and writers store blank areas as byte-identical
+        tiles, and copying a kept tile is several times cheaper than inflating it again."""
+        kept_bytes = sum(kept.nbytes for kept in handle.repeats.values())
+        if len(data) * REPEAT_RATIO <= segment.size and kept_bytes + segment.nbytes <= REPEAT_BUDGET:
+            kept = segment.copy()
+            kept.flags.writeable = False
+            handle.repeats[level, data] = kept
+
+    @staticmethod
+    def _segment_shape(page: Any) -> tuple[int, int]:
+        if page.is_tiled:
+            return page.tilewidth, page.tilelength
+        return page.imagewidth, min(page.rowsperstrip, page.imagelength)
+
+    def tile_size(self, level: int = 0) -> tuple[int, int] | None:
+        return self._segment_shape(self.handle.pages[self.check_level(level)])
+
+    def _segment_bytes(self, fd: int, page: Any, index: int) -> bytes | None:
         count = page.databytecounts[index]
-        if not count:  # a sparse TIFF's missing tile
-            shape = (page.tilelength or page.rowsperstrip, page.tilewidth or page.imagewidth, page.samplesperpixel)
-            return np.full(shape, self.fill, dtype=np.uint8)
+        if not count:
+            return None
         data = os.pread(fd, count, page.dataoffsets[index])
         if len(data) != count:
             raise EOFError(f"segment {index} of {self.path!r} is cut short; the file is truncated")
+        return data
+
+    @staticmethod
+    def _decode(page: Any, data: bytes, index: int) -> np.ndarray:
         decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
         return decoded.reshape(-1, decoded.shape[-2], decoded.shape[-1])
+
+    @staticmethod
+    def _decompress_into(page: Any, data: bytes, window: np.ndarray) -> bool:
+        """Decompress a whole segment straight into `window`, skipping a copy; False if not possible.
+
+        Only for codecs whose output is the raw pixels (deflate, LZW, zstd, ...)
+        with no predictor or bit reversal; JPEG and the rest go through `page.decode`.
+        """
+        import tifffile
+
+        if page.compression not in RAW_CODECS or page.predictor != 1 or page.fillorder != 1:
+            return False
+        if not window.flags.c_contiguous:
+            return False
+        decompress = getattr(tifffile.TIFF, "DECOMPRESSORS", {}).get(page.compression)  # absent in old tifffile
+        if decompress is None:
+            return False
+        flat = window.reshape(-1)
+        written = decompress(data, out=flat)
+        if len(written) != flat.size:
+            raise EOFError(f"a segment decompressed to {len(written)} bytes instead of {flat.size}; the file is corrupt")
+        return True
 
     def _close(self, handle: TiffPages) -> None:
         os.close(handle.fd)

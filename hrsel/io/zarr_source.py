@@ -20,7 +20,6 @@ from hrsel.io.tiff import TIFF_MAGICS
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Levels:
     arrays: list[Any]  # one zarr array per level, largest first

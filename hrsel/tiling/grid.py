@@ -1,6 +1,7 @@
 """`PatchGrid`: the level-0 top-left corners of every patch, in raster order, optionally masked."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -86,9 +87,9 @@ class PatchGrid:
             grid = grid.with_mask(source=source, min_tissue_fraction=min_tissue_fraction, mask_size=mask_size)
         return grid
 
-    @property
+    @functools.cached_property
     def coords(self) -> np.ndarray:
-        """(n, 2) int64 (x, y) level-0 top-left corners."""
+        """(n, 2) int64 (x, y) level-0 top-left corners (computed once: callers index it in loops)."""
         return np.rint(self.level_coords * self.downsample).astype(np.int64)
 
     @property
@@ -110,6 +111,7 @@ class PatchGrid:
             raise ValueError(f"boolean keep must have shape ({len(self)},), got {keep.shape}")
         grid = object.__new__(PatchGrid)
         grid.__dict__.update(self.__dict__)
+        grid.__dict__.pop("coords", None)  # the cached corners of the full grid
         grid.level_coords = self.level_coords[keep]
         grid.indices = self.indices[keep]
         return grid

@@ -53,18 +53,42 @@ def _extract_one(image, x0, y0, size, fill, out_i):
                     row[dx] = src[x0 + dx, ch]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _extract_patches(image, coords, size, fill, out):
-    """out[i] = patch at coords[i] = (x, y), patches spread over Numba's threads."""
-    for i in numba.prange(coords.shape[0]):
-        _extract_one(image, coords[i, 0], coords[i, 1], size, fill, out[i])
+@numba.njit(cache=True, nogil=True)
+def _crop_one(image, x0, y0, size, fill, out_i):
+    """out_i (p, p, c) = image[y0:y0+p, x0:x0+p], channels kept last; outside -> fill."""
+    h, w, _ = image.shape
+    xa = min(max(-x0, 0), size)
+    xb = max(min(w - x0, size), xa)
+    for dy in range(size):
+        y = y0 + dy
+        if y < 0 or y >= h:
+            out_i[dy] = fill
+            continue
+        out_i[dy, :xa] = fill
+        out_i[dy, xb:] = fill
+        out_i[dy, xa:xb] = image[y, x0 + xa : x0 + xb]
 
 
 @numba.njit(cache=True, nogil=True)
-def _extract_patches_serial(image, coords, size, fill, out):
+def _patch_into(image, x0, y0, size, fill, out_i, channels_last):
+    if channels_last:
+        _crop_one(image, x0, y0, size, fill, out_i)
+    else:
+        _extract_one(image, x0, y0, size, fill, out_i)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _extract_patches(image, coords, size, fill, out, channels_last):
+    """out[i] = patch at coords[i] = (x, y), patches spread over Numba's threads."""
+    for i in numba.prange(coords.shape[0]):
+        _patch_into(image, coords[i, 0], coords[i, 1], size, fill, out[i], channels_last)
+
+
+@numba.njit(cache=True, nogil=True)
+def _extract_patches_serial(image, coords, size, fill, out, channels_last):
     """As `_extract_patches` on the calling thread only (safe inside a Python thread pool)."""
     for i in range(coords.shape[0]):
-        _extract_one(image, coords[i, 0], coords[i, 1], size, fill, out[i])
+        _patch_into(image, coords[i, 0], coords[i, 1], size, fill, out[i], channels_last)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -147,24 +171,27 @@ def extract_patches(
     *,
     fill: int = 0,
     parallel: bool = True,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Copy size x size patches at (x, y) `coords` of an (h, w, c) uint8 image into (n, c, p, p).
 
     Pixels past the image edge are `fill`. `out` (preallocated, uint8) is reused when given.
     `parallel=False` stays on the calling thread (use it from Python worker threads).
+    `channels_last=True` gives (n, p, p, c): row copies, no transpose.
     """
     image = _check_image(image)
     coords = _check_coords(coords)
     size = int(size)
     if size <= 0:
         raise ValueError(f"patch size must be positive, got {size}")
-    expected = (coords.shape[0], image.shape[2], size, size)
+    n, channels = coords.shape[0], image.shape[2]
+    expected = (n, size, size, channels) if channels_last else (n, channels, size, size)
     if out is None:
         out = np.empty(expected, dtype=np.uint8)
     elif out.shape != expected or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous uint8 array of shape {expected}, got {out.dtype} {out.shape}")
     kernel = _extract_patches if parallel else _extract_patches_serial
-    kernel(image, coords, size, np.uint8(fill), out)
+    kernel(image, coords, size, np.uint8(fill), out, bool(channels_last))
     return out
 
 
