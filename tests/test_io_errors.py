@@ -146,3 +146,17 @@ def test_corrupt_tile_raises_whether_decoded_in_place_or_not(tmp_path, good_tiff
     out = np.empty((128, 128, 3), np.uint8) if tile_sized_out else None
     with pytest.raises(ImageReadError, match="garbled.tif.*corrupt"):
         source.read_region(128, 0, 128, 128, out=out)
+
+
+@pytest.mark.parametrize("tifffile_version, zarr_version, says", [
+    ("2024.8.30", "3.1.6", "tifffile 2024.8.30 makes zarr 2 stores but zarr 3.1.6"),
+    ("2026.3.3", "2.18.3", "tifffile 2026.3.3 makes zarr 3 stores but zarr 2.18.3"),
+])
+def test_tifffile_and_zarr_disagreeing_is_named(good_tiff, monkeypatch, tifffile_version, zarr_version, says):
+    import tifffile
+
+    monkeypatch.setattr(tifffile, "__version__", tifffile_version)
+    monkeypatch.setattr(zarr, "__version__", zarr_version)
+    with pytest.raises(UnsupportedFormatError, match=says + r".*backend='tiff'"):
+        ZarrSource(good_tiff).read_region(0, 0, 8, 8)
+    assert open_image(good_tiff, backend="tiff").read_region(0, 0, 8, 8).shape == (8, 8, 3)

@@ -129,8 +129,9 @@ def write_image(path: Path, layout: SplitLayout, pool: np.ndarray, item: int, *,
     """Render image `item` band by band into a chunked compressed zarr array at `path`."""
     import zarr
 
+    sparse = {"write_empty_chunks": False} if zarr.__version__.startswith("2.") else {}  # zarr 3: the default
     array = zarr.open_array(store=str(path), mode="w", shape=(height, width, 1),
-                            chunks=(chunk, chunk, 1), dtype="uint8", fill_value=0)
+                            chunks=(chunk, chunk, 1), dtype="uint8", fill_value=0, **sparse)
     band = max(chunk, _BAND_BYTES // max(width, 1) // chunk * chunk)
     for y0 in range(0, height, band):
         y1 = min(y0 + band, height)

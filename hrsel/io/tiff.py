@@ -81,10 +81,27 @@ def check_complete(tif: Any, path: str, series: Any) -> None:
                 )
 
 
+ZARR3_TIFFFILE = (2025, 5, 21)  # tifffile's zarr stores speak zarr 3 from this release, zarr 2 before
+
+
+def check_store_compatible(tifffile: Any, zarr: Any, path: str) -> None:
+    """Raise a clear error when tifffile's zarr store and the installed zarr disagree on the API."""
+    release = tuple(int(part) for part in re.findall(r"\d+", tifffile.__version__)[:3])
+    store_zarr3 = release >= ZARR3_TIFFFILE
+    if store_zarr3 == zarr.__version__.startswith("2."):
+        raise UnsupportedFormatError(
+            f"cannot read {path!r} through zarr: tifffile {tifffile.__version__} makes zarr "
+            f"{3 if store_zarr3 else 2} stores but zarr {zarr.__version__} is installed. Install tifffile "
+            f">= 2025.5.21 with zarr 3, or tifffile < 2025.5.21 with zarr 2; or read the file with "
+            "backend='tiff' or 'openslide', which do not need zarr"
+        )
+
+
 def open_tiff_zarr(path: str) -> TiffZarr:
     import tifffile
     import zarr
 
+    check_store_compatible(tifffile, zarr, path)
     tif = tifffile.TiffFile(path)
     try:
         series = tif.series[0]
