@@ -2,7 +2,9 @@
 
 One training step = forward + backward + optimizer step on synthetic lazy images
 (pixels generated on read, with a pyramid, so nothing full-size sits in memory unless
-a pipeline puts it there). Every configuration runs in a fresh subprocess:
+a pipeline puts it there), measured after a warm-up forward + backward on a 512^2 image
+(lazy imports, Numba's cache and reader threads are loaded by then and counted in the
+base). Every configuration runs in a fresh subprocess:
 on CPU the peak is the process's peak RSS (includes torch itself: see "base_mb", the
 RSS before the step); on CUDA it is torch.cuda.max_memory_allocated after a reset.
 
@@ -99,6 +101,10 @@ def worker(method: str, side: int, batch: int, device: str, quick: bool, backbon
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = [synthetic_source(side) for _ in range(batch)]
     target = torch.zeros(batch, dtype=torch.long, device=device)
+    warm = model([synthetic_source(512) for _ in range(batch)])  # lazy imports, Numba cache, reader threads
+    torch.nn.functional.cross_entropy(warm.logits["label"], target).backward()
+    optimizer.zero_grad(set_to_none=True)
+    del warm
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

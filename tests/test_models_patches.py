@@ -1,4 +1,6 @@
 """ImageBatch: the same patches from an in-memory tensor and from a lazy source."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,37 @@ def test_tensor_and_lazy_source_agree(pair, geometry):
     torch.testing.assert_close(lazy.gather(geometry, idx), expected)
     chunks = list(dense.chunks(geometry, 4))
     assert torch.equal(torch.cat([i for i, _ in chunks], 1), torch.arange(n).expand(2, -1))
+    streamed = list(lazy.chunks(geometry, 4))  # lazy sources go through hrsel.tiling.stream_patches
+    assert [i.shape for i, _ in streamed] == [i.shape for i, _ in chunks]
+    torch.testing.assert_close(torch.cat([i for i, _ in streamed], 1), torch.arange(n).expand(2, -1))
+    torch.testing.assert_close(torch.cat([p for _, p in streamed], 1), ref)
+
+
+def test_streamed_chunks_from_tiff_match_the_tensor(tmp_path):
+    from hrsel.io import open_image
+    from hrsel.io.writer import write_pyramid
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (300, 260, 3), dtype=np.uint8) for _ in range(2)]
+    paths = [tmp_path / f"{i}.tif" for i in range(2)]
+    for path, array in zip(paths, arrays):
+        write_pyramid(path, array, levels=1, tile=32)
+    sources = [open_image(p, backend="tiff", fill=0) for p in paths]
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    for geometry in (GridGeometry.regular((300, 260), patch_size=32), GridGeometry.regular((300, 260), patch_size=40,
+                                                                                             stride=30, padding=5)):
+        expected = list(ImageBatch(tensor).chunks(geometry, 16))
+        got = list(ImageBatch(sources).chunks(geometry, 16))
+        assert len(got) == len(expected)
+        for (gi, gp), (ei, ep) in zip(got, expected):
+            assert torch.equal(gi, ei)
+            torch.testing.assert_close(gp, ep)
+    before = threading.active_count()
+    stream = ImageBatch(sources).chunks(GridGeometry.regular((300, 260), patch_size=32), 4)
+    next(stream)
+    assert threading.active_count() > before  # reader threads at work
+    stream.close()  # stopping early shuts them
+    assert threading.active_count() == before
 
 
 def _padded(image, geometry):

@@ -1,8 +1,9 @@
 """A batch of images seen through a patch grid: in-memory tensors or lazy `hrsel.io` sources.
 
-Pipelines never materialise a full-resolution float image of a lazy source: they read
-chunks of grid patches (one region per grid row segment), gather chosen patches, or
-build a downscaled copy band by band. Memory is O(chunk) or O(downscaled image).
+Pipelines never materialise a full-resolution float image of a lazy source: they stream
+chunks of grid patches (`hrsel.tiling.stream_patches`, read ahead by threads), read
+chunks at random (one region per grid row segment), gather chosen patches, or build a
+downscaled copy band by band. Memory is O(chunk) or O(downscaled image).
 All patches come back as float in [0, 1] on `device`.
 """
 from __future__ import annotations
@@ -92,12 +93,36 @@ class ImageBatch:
         return torch.cat(parts).to(self.device)
 
     def chunks(self, geometry: GridGeometry, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields (indices (B, n) int64, patches (B, n, C, p, p)) over the whole grid in raster order."""
+        """Yields (indices (B, n) int64, patches (B, n, C, p, p)) over the whole grid in raster order.
+
+        Lazy sources are streamed: reader threads fetch the next chunks while the caller works.
+        """
+        if self.is_lazy:
+            yield from self._streamed_chunks(geometry, chunk_size)
+            return
         n = geometry.num_patches
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             idx = torch.arange(start, stop, device=self.device).expand(self.batch_size, -1)
             yield idx, self.chunk(geometry, start, stop)
+
+    def _streamed_chunks(self, geometry: GridGeometry, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from hrsel.tiling import PatchGrid, stream_patches
+
+        corners = geometry.top_left(torch.arange(geometry.num_patches)).flip(-1).numpy()  # (n, 2) (x, y)
+        streams = [
+            stream_patches(source, PatchGrid.from_corners(corners, image_size=source.dimensions,
+                                                          patch_size=geometry.patch_size, stride=geometry.stride[1]),
+                           chunk_size=chunk_size)
+            for source in self.sources
+        ]
+        try:
+            for parts in zip(*streams):  # the same chunk of every image
+                idx = torch.from_numpy(parts[0].indices).to(self.device).expand(self.batch_size, -1)
+                yield idx, _to_float(torch.stack([part.patches for part in parts]).to(self.device))
+        finally:
+            for stream in streams:
+                stream.close()  # stops the reader threads when the caller stops early
 
     def gather(self, geometry: GridGeometry, indices: torch.Tensor) -> torch.Tensor:
         """(B, K) patch indices (-1 = absent, zeros) -> (B, K, C, p, p) float."""

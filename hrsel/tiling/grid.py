@@ -87,6 +87,24 @@ class PatchGrid:
             grid = grid.with_mask(source=source, min_tissue_fraction=min_tissue_fraction, mask_size=mask_size)
         return grid
 
+    @classmethod
+    def from_corners(
+        cls, corners: np.ndarray, *, image_size: tuple[int, int], patch_size: int, stride: int
+    ) -> "PatchGrid":
+        """A level-0 grid of patches at explicit (n, 2) (x, y) corners, kept in the given order.
+
+        `stride` is the horizontal step between neighbours on a row: where the step is
+        exactly `stride`, streaming reads neighbours with one region call.
+        """
+        corners = np.asarray(corners)
+        if corners.ndim != 2 or corners.shape[1] != 2:
+            raise ValueError(f"corners must be (n, 2) (x, y), got shape {corners.shape}")
+        grid = cls(image_size=image_size, patch_size=patch_size, stride=stride)
+        grid.level_coords = np.ascontiguousarray(corners, dtype=np.int64)
+        grid.indices = np.arange(corners.shape[0], dtype=np.int64)
+        grid.shape = (1, corners.shape[0])
+        return grid
+
     @functools.cached_property
     def coords(self) -> np.ndarray:
         """(n, 2) int64 (x, y) level-0 top-left corners (computed once: callers index it in loops)."""
