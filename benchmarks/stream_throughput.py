@@ -102,6 +102,7 @@ def rate_score(grid, encode, score_fn, args) -> float:
     device = args.torch_device
     n, chunk = len(grid), args.chunk
     patches = torch.randint(0, 256, (chunk, 3, args.patch, args.patch), dtype=torch.uint8, device=device)
+    patches = patches.contiguous(memory_format=torch.channels_last)  # the layout stream_patches yields
 
     def chunks():
         for start in range(0, n, chunk):
