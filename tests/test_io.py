@@ -199,9 +199,9 @@ def test_tiff_missing_tiles_read_as_fill(tmp_path, image):
         tag.overwrite(counts)
     expected = image[:100, :130].copy()
     expected[0:32, 32:64] = expected[32:64, 0:32] = 7
-    source = TiffSource(path, fill=7)
-    np.testing.assert_array_equal(source.read_region(0, 0, 130, 100), expected)
-    np.testing.assert_array_equal(source.read_region(20, 20, 30, 30), expected[20:50, 20:50])
+    for source in (TiffSource(path, fill=7), OpenSlideSource(path, fill=7)):  # OpenSlide: transparent -> fill
+        np.testing.assert_array_equal(source.read_region(0, 0, 130, 100), expected)
+        np.testing.assert_array_equal(source.read_region(20, 20, 30, 30), expected[20:50, 20:50])
 
 
 def test_open_image_picks_backend(tmp_path, pyramid, image):
