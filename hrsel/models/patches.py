@@ -134,8 +134,9 @@ class ImageBatch:
             rows = [torch.stack([padded[b, :, y + oy:y + oy + p, x + ox:x + ox + p] for y, x in row])
                     for b, row in enumerate(corners)]
         else:
-            rows = [torch.stack([torch.from_numpy(np.ascontiguousarray(src.read_region(x, y, p, p))).permute(2, 0, 1)
-                                 for y, x in row]) for src, row in zip(self.sources, corners)]
+            from hrsel.tiling import read_patches
+
+            rows = [read_patches(src, [(x, y) for y, x in row], p, workers=2) for src, row in zip(self.sources, corners)]
         out = _to_float(torch.stack(rows).to(self.device))
         return out * (indices >= 0).to(out.dtype).to(self.device)[..., None, None, None]
 
