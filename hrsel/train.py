@@ -219,7 +219,9 @@ def run(cfg: Config, resume_dir: Path | None) -> dict[str, Any]:
              len(trainer.eval_set), cfg.model.name, device, trainer.total_steps)
     try:
         result = trainer.fit()
+        distributed.barrier(info)  # no rank tears the group down while another still talks to it
     finally:
+        trainer = pipeline = None  # DDP's reducer holds the group: free it before destroying the group
         distributed.cleanup()
     result["is_main"] = info.is_main
     return result
