@@ -136,7 +136,7 @@ def run_file_method(method: str, path: str, args: argparse.Namespace) -> tuple[i
     grid = grid_for(source, args.foreground)
     if args.max_patches and len(grid) > args.max_patches:
         grid = grid.subset(np.arange(args.max_patches))
-    kernels.extract_patches(np.zeros((8, 8, 3), np.uint8), np.zeros((1, 2), np.int64), 4, parallel=False)  # load JIT cache
+    kernels.extract_patches(np.zeros((8, 8, 3), np.uint8), np.zeros((1, 2), np.int64), 4)  # load the JIT cache
     best = float("inf")
     for _ in range(1 if method == "unfold" else args.repeats):  # unfold's peak RSS is the point, and it is slow
         start = time.perf_counter()
@@ -253,7 +253,8 @@ def main() -> None:
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("case", "method", "pixels", "patches_per_s", "peak_rss_mb", "patches", "seconds", "patches_per_s_rounds")
+        keep = ("case", "method", "pixels", "patches_per_s", "peak_rss_mb", "patches", "seconds",
+                "patches_per_s_rounds")
         args.json.write_text(json.dumps([{k: row[k] for k in keep} for row in rows], indent=2))
         print(f"wrote {args.json}")
 

@@ -61,7 +61,8 @@ def test_streamed_chunks_from_tiff_match_the_tensor(tmp_path):
             assert torch.equal(gi, ei)
             torch.testing.assert_close(gp, ep)
         picked = torch.tensor([[0, geometry.num_patches - 1, 3], [5, -1, 2]])
-        torch.testing.assert_close(ImageBatch(sources).gather(geometry, picked), ImageBatch(tensor).gather(geometry, picked))
+        torch.testing.assert_close(ImageBatch(sources).gather(geometry, picked),
+                                   ImageBatch(tensor).gather(geometry, picked))
     before = threading.active_count()
     stream = ImageBatch(sources).chunks(GridGeometry.regular((300, 260), patch_size=32), 4)
     next(stream)

@@ -254,7 +254,7 @@ class TiffSource(ImageSource):
         flat = window.reshape(-1)
         written = decompress(data, out=flat)
         if len(written) != flat.size:
-            raise EOFError(f"a segment decompressed to {len(written)} bytes instead of {flat.size}; the file is corrupt")
+            raise EOFError(f"a segment inflated to {len(written)} bytes instead of {flat.size}: the file is corrupt")
         return True
 
     def _close(self, handle: TiffPages) -> None:

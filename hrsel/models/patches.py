@@ -136,7 +136,8 @@ class ImageBatch:
         else:
             from hrsel.tiling import read_patches
 
-            rows = [read_patches(src, [(x, y) for y, x in row], p, workers=2) for src, row in zip(self.sources, corners)]
+            rows = [read_patches(source, [(x, y) for y, x in row], p, workers=2)
+                    for source, row in zip(self.sources, corners)]
         out = _to_float(torch.stack(rows).to(self.device))
         return out * (indices >= 0).to(out.dtype).to(self.device)[..., None, None, None]
 
