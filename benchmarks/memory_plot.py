@@ -89,7 +89,7 @@ def plot(curves: dict, meta: dict, out: Path, title: str | None, *, above_base: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from bench_plots import finish_log_log
 
     limit = next((float(meta[k]) for k in LIMIT_KEYS if meta.get(k)), None)
     measured = [p for points in curves.values() for _, p in points if not isinstance(p, str)]
@@ -110,21 +110,9 @@ def plot(curves: dict, meta: dict, out: Path, title: str | None, *, above_base: 
         ax.axhline(limit, color="red", lw=0.8, ls="--", label=f"memory limit {limit / 1024:.0f} GiB")
     if any(y == "oom" for points in curves.values() for _, y in points):
         ax.plot([], [], "x", color="red", mew=2, label="out of memory")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    ax.set_xlabel("image size (megapixels)")
-    ax.set_ylabel("peak memory, one training step (MB" + (" above base)" if above_base else ")"))
-    ax.set_title(title or f"Peak memory vs image size ({meta.get('device', 'device not recorded')})", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    finish_log_log(fig, ax, out, xlabel="image size (megapixels)",
+                   ylabel="peak memory, one training step (MB" + (" above base)" if above_base else ")"),
+                   title=title or f"Peak memory vs image size ({meta.get('device', 'device not recorded')})")
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from bench_plots import finish_log_log
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     colours = {50: "tab:blue", 100: "tab:orange"}
@@ -181,21 +181,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             if r["method"] == method:
                 ax.axhline(r["images_per_s"], color=colour, ls=":",
                            label=f"{method.replace('_full', '')} full image ({r['images_per_s']:.3g}/s)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    ax.set_xlabel("pixels extracted (% of the image)")
-    ax.set_ylabel("images / s (best batch size)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_log_log(fig, ax, path, xlabel="pixels extracted (% of the image)", ylabel="images / s (best batch size)",
+                   title=title)
 
 
 def main() -> None:
