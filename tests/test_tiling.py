@@ -149,6 +149,15 @@ def test_grid_coords_computed_once_and_subsets_get_their_own():
     np.testing.assert_array_equal(sub.coords, np.rint(sub.level_coords * 2.0).astype(np.int64))
 
 
+def test_grid_from_corners_keeps_them_in_order():
+    corners = np.array([[30, 0], [0, 0], [-5, 40]])
+    grid = PatchGrid.from_corners(corners, image_size=(100, 80), patch_size=16, stride=16)
+    assert len(grid) == 3 and grid.indices.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(grid.coords, corners)
+    with pytest.raises(ValueError, match=r"corners must be \(n, 2\).*\(3,\)"):
+        PatchGrid.from_corners(np.zeros(3), image_size=(100, 80), patch_size=16, stride=16)
+
+
 def test_grid_rejects_bad_arguments():
     with pytest.raises(ValueError, match="stride > 0"):
         PatchGrid(image_size=(10, 10), patch_size=4, stride=0)

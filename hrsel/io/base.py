@@ -193,7 +193,8 @@ class ImageSource:
         expected = (len(coords), int(size), int(size), self.channels)
         if out is None:
             out = np.empty(expected, dtype=np.uint8)
-        self._check_out(out, expected)
+        else:
+            self._check_out(out, expected)
         level_w, level_h = self.level_dimensions[level]
         for j, (x, y) in enumerate(coords):
             if x >= 0 and y >= 0 and x + size <= level_w and y + size <= level_h:

@@ -206,8 +206,9 @@ class TiffSource(ImageSource):
     def _remember(handle: TiffPages, level: int, data: bytes, segment: np.ndarray) -> None:
         """Keep near-uniform segments: scanners and writers store blank areas as byte-identical
         tiles, and copying a kept tile is several times cheaper than inflating it again."""
-        kept_bytes = sum(kept.nbytes for kept in handle.repeats.values())
-        if len(data) * REPEAT_RATIO <= segment.size and kept_bytes + segment.nbytes <= REPEAT_BUDGET:
+        if len(data) * REPEAT_RATIO > segment.size:  # real content: never byte-identical twice
+            return
+        if sum(kept.nbytes for kept in handle.repeats.values()) + segment.nbytes <= REPEAT_BUDGET:
             kept = segment.copy()
             kept.flags.writeable = False
             handle.repeats[level, data] = kept

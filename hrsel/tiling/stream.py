@@ -108,7 +108,7 @@ def _read_run(source: ImageSource, grid: PatchGrid, level_coords: np.ndarray, ou
     width = int(level_coords[-1, 0] - x0) + p
     region = source.read_level_region(x0, y0, width, p, grid.level)  # (p, width, C), edges padded
     for j, dx in enumerate(level_coords[:, 0] - x0):
-        out[j] = region[:, dx : dx + p]  # numpy's memcpy rows beat a Numba loop ~5x here
+        out[j] = region[:, dx : dx + p]  # numpy copies whole rows: several times faster than Numba here
     return time.perf_counter() - start
 
 
@@ -154,7 +154,7 @@ def stream_patches(
     source = as_source(source_or_array, fill)
     _check_grid(source, grid)
     starts = list(range(0, len(grid), chunk_size))
-    coords = grid.coords  # a computed property: once, not per chunk (O(n) each time)
+    coords = grid.coords
     if _in_memory(source, grid):  # one parallel Numba call per chunk, nothing to prefetch
         image = source.array
         for start in starts:
