@@ -22,8 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", "--n_train", dest="n_train", type=int, default=5000, help="training images")
     p.add_argument("--n-test", "--n_test", dest="n_test", type=int, default=1000, help="test images")
     p.add_argument("--n-noise", "--n_noise", dest="n_noise", type=int, default=50,
-                   help="scribble noise patterns per image (default 50)")
-    p.add_argument("--no-noise", "--no_noise", dest="noise", action="store_false", help="no scribble noise")
+                   help="noise placements per image, drawn from IPS's 50 line patterns per split (default 50)")
+    p.add_argument("--no-noise", "--no_noise", dest="noise", action="store_false", help="no line-scribble noise")
     p.add_argument("--dataset-seed", "--dataset_seed", dest="seed", type=int, default=0,
                    help="random seed; split s uses seed + int(s == 'train')")
     p.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files (.gz or plain)")

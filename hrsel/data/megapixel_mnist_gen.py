@@ -1,8 +1,10 @@
 """Generate Megapixel MNIST (the ATS task as extended by IPS) into lazily readable zarr arrays.
 
 Each image: an H x W canvas, 5 MNIST digits (3 of a target class, 2 of other classes)
-placed without overlap, optionally `n_noise` line-scribble patterns drawn first; later
-patches overwrite earlier ones, so digits sit on top of the noise. Labels:
+placed without overlap, and optionally IPS's noise drawn first: `n_noise` placements, at
+top-left corners in [28, H - 28), of 50 line-scribble 28x28 patterns per split
+(`make_noise_patterns`). Later patches overwrite earlier ones, so digits sit on top of
+the noise. Labels:
 `majority` (the target class), `max` (largest digit), `top` (digit with the smallest
 row) and `multi` (10-dim multi-hot of the digits present). The random layout of a
 split comes from `seed + int(split == "train")`, drawn in the main process, so the
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 DIGIT = 28  # MNIST digit side, also the noise pattern side
 FORMAT = "hrsel-megapixel-mnist/1"
 _BAND_BYTES = 64 << 20  # rows rendered at once: at most ~64 MiB per band
+N_NOISE_PATTERNS = 50  # distinct noise patterns per split; IPS's code makes n_noise of them (50 there too)
+NOISE_MAX_ANGLE = 0.4 * np.pi  # 72 deg: IPS draws slopes tan(U[0, 1) * pi / 2.5)
+NOISE_MIRROR_P = 2 * 0.33 * 0.67  # IPS flips the copy twice, each with p = 0.33, both along the columns
 
 
 @dataclass
@@ -61,18 +66,40 @@ class SplitLayout:
         }
 
 
-def make_noise_patterns(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 28, 28) uint8 scribbles: one or two straight strokes, intensity x U[0.8, 1]."""
-    patterns = np.zeros((n, DIGIT, DIGIT), dtype=np.float64)
-    t = np.linspace(0.0, 1.0, 4 * DIGIT)
-    for pattern in patterns:
-        for _ in range(int(rng.integers(1, 3))):
-            (y0, x0), (y1, x1) = rng.uniform(0, DIGIT - 1, size=(2, 2))
-            ys = np.rint(y0 + t * (y1 - y0)).astype(int)
-            xs = np.rint(x0 + t * (x1 - x0)).astype(int)
-            pattern[ys, xs] = 1.0
-    patterns *= rng.uniform(0.8, 1.0, size=patterns.shape)
-    return np.rint(255 * patterns).astype(np.uint8)
+def noise_lines(angles: np.ndarray, *, size: int = DIGIT) -> np.ndarray:
+    """(n, size, size) bool: one straight line per angle, from the corner (0, 0) to the border.
+
+    `angles` (n,) in radians from the row axis towards the column axis, in [0, pi/2]
+    (0: down the left edge, pi/2: along the top edge). As IPS rasterises them: 2 * size
+    points t * (cos, sin), t from 0 to where the longer axis reaches `size - 0.51`,
+    rounded half to even; 28 to 42 pixels per line of a 28x28 pattern.
+    """
+    angles = np.asarray(angles, dtype=np.float64).reshape(-1)
+    if np.any((angles < 0) | (angles > np.pi / 2)):
+        raise DataError(f"noise line angles must lie in [0, pi/2] radians; got {angles.min()}..{angles.max()}")
+    direction = np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # (n, 2) as (row, col)
+    length = (size - 0.51) / direction.max(-1)  # (n,) where the longer axis reaches the border
+    t = np.linspace(0.0, 1.0, 2 * size)[None, :, None] * length[:, None, None]  # (n, 2 * size, 1)
+    points = np.rint(t * direction[:, None, :]).astype(np.int64)  # (n, 2 * size, 2)
+    lines = np.zeros((len(angles), size, size), dtype=bool)
+    lines[np.arange(len(angles))[:, None], points[..., 0], points[..., 1]] = True
+    return lines
+
+
+def make_noise_patterns(rng: np.random.Generator, n: int = N_NOISE_PATTERNS) -> np.ndarray:
+    """(n, 28, 28) uint8 line-scribble noise, drawn as IPS does (benbergner/ips make_mnist.py).
+
+    Pattern i is the union of a line from the corner (0, 0) at an angle in [0, 72 deg)
+    (`noise_lines`) and the line of a randomly permuted pattern, mirrored left-right with
+    probability ~0.44 (then it starts at the corner (0, 27)); ~66 lit pixels on average.
+    Lit pixels get floor(255 * U[0.8, 1)), i.e. 204..254, as IPS's float -> uint8 cast.
+    """
+    lines = noise_lines(rng.uniform(0.0, NOISE_MAX_ANGLE, size=n))  # (n, 28, 28)
+    copies = lines[rng.permutation(n)]
+    mirror = rng.random(n) < NOISE_MIRROR_P
+    copies[mirror] = copies[mirror, :, ::-1]
+    intensity = rng.uniform(0.8, 1.0, size=lines.shape)  # (n, 28, 28)
+    return np.floor(255 * (lines | copies) * intensity).astype(np.uint8)
 
 
 def _place_digits(rng: np.random.Generator, height: int, width: int, count: int = 5) -> np.ndarray:
@@ -105,7 +132,7 @@ def sample_layout(labels: np.ndarray, *, n: int, height: int, width: int, noise:
         index[i, 3:] = rng.choice(not_class[c], size=2)
     positions = np.stack([_place_digits(rng, height, width) for _ in range(n)]) if n else np.zeros((0, 5, 2), int)
     k = n_noise if noise else 0
-    patterns = make_noise_patterns(rng, max(k, 1))
+    patterns = make_noise_patterns(rng)
     noise_positions = rng.integers(DIGIT, [height - DIGIT, width - DIGIT], size=(n, k, 2))
     noise_index = rng.integers(0, len(patterns), size=(n, k))
     return SplitLayout(index, labels[index], positions.astype(np.int64), noise_positions, noise_index, patterns)
