@@ -11,7 +11,6 @@ from hrsel.select import (
     normalize_scores,
     perturbed_topk,
     sample_noise,
-    sinkhorn_topk,
 )
 from hrsel.select.reference import dense_perturbed_topk
 
@@ -167,40 +166,7 @@ def test_hard_topk_bad_input():
         hard_topk(torch.rand(2, 3, 4), 1)
 
 
-# Sinkhorn top-K
-
-
-def test_sinkhorn_marginals():
-    torch.manual_seed(0)
-    y = sinkhorn_topk(torch.randn(3, 25), 4, epsilon=0.05, iterations=500)
-    assert y.shape == (3, 4, 25)
-    torch.testing.assert_close(y.sum(-1), torch.ones(3, 4), atol=1e-4, rtol=0)
-    assert (y.sum(1) <= 1 + 1e-3).all()
-    assert (y >= 0).all()
-
-
-def test_sinkhorn_converges_to_hard_topk_ranked_by_score():
-    torch.manual_seed(2)
-    scores = torch.randn(4, 30, dtype=torch.float64)
-    y = sinkhorn_topk(scores, 5, epsilon=1e-4, iterations=30_000, tol=1e-9)
-    ranked = torch.topk(scores, 5).indices  # largest first
-    torch.testing.assert_close(y, torch.nn.functional.one_hot(ranked, 30).double(), atol=1e-3, rtol=0)
-    coarse = sinkhorn_topk(scores, 5, epsilon=0.05, iterations=3000)
-    assert (coarse - y).abs().max() > 0.05  # a larger epsilon is visibly softer
-
-
-def test_sinkhorn_gradcheck_float64():
-    torch.manual_seed(0)
-    scores = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
-    fn = lambda s: sinkhorn_topk(s, 3, epsilon=0.1, iterations=3000, tol=1e-13)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (scores,), eps=1e-6, atol=1e-5)
-
-
-def test_sinkhorn_bad_input():
-    with pytest.raises(ValueError, match="epsilon"):
-        sinkhorn_topk(torch.rand(1, 5), 2, epsilon=0.0)
-    with pytest.raises(ValueError, match="k=6"):
-        sinkhorn_topk(torch.rand(1, 5), 6)
+# Sinkhorn top-K: tests/test_select_sinkhorn.py
 
 
 # Score helpers and schedules

@@ -47,7 +47,7 @@ class DPSCandidatesPipeline(Pipeline):
                  stride: int | None = None, k: int = 10, num_candidates: int | None = None, score_chunk: int = 256,
                  score_downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
-                 sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-2,
+                 sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-1,
                  sinkhorn_iterations: int = 200, inference_selector: str = "hard", entropy_coef: float = 0.0,
                  backbone: str = "resnet18",
                  backbone_options: dict[str, Any] | None = None, aggregator: str = "mean",
