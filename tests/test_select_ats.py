@@ -1,10 +1,12 @@
-"""ATS sampling without replacement: the estimator and its attention gradient are unbiased."""
+"""ATS: the estimator and its attention gradient are unbiased; smoothed attention and its entropy."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from hrsel.select.ats import estimator_weights, expectation_without_replacement, sample_without_replacement
+from hrsel.select.ats import (attention_entropy, estimator_weights, expectation_without_replacement,
+                              sample_without_replacement, smoothed_attention)
 
 
 def ordered_draws(a: torch.Tensor, k: int):
@@ -67,3 +69,28 @@ def test_sampling_is_without_replacement_and_follows_attention():
 def test_shape_errors():
     with pytest.raises(ValueError, match="disagree"):
         expectation_without_replacement(torch.rand(2, 5), torch.rand(2, 3, 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_smoothed_attention_sums_to_one_with_a_floor():
+    logits = torch.tensor([[30.0, 0.0, -30.0, -30.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    att = smoothed_attention(logits, 1e-4)
+    torch.testing.assert_close(att.sum(1), torch.ones(2))
+    assert att.min() >= 1e-4 / 5 and att[0, 2] < 1e-4 / 5 * 1.001  # near-zero softmax mass -> the floor
+    x = logits.double().numpy()
+    soft = np.exp(x - x.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    torch.testing.assert_close(att.double(), torch.from_numpy((1 - 1e-4) * soft + 1e-4 / 5))
+    torch.testing.assert_close(smoothed_attention(logits, 0.0), torch.softmax(logits, 1))
+    with pytest.raises(ValueError, match="smoothing"):
+        smoothed_attention(logits, 1.0)
+
+
+def test_attention_entropy_matches_numpy_and_finite_differences():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, dtype=torch.float64)
+    a = smoothed_attention(logits, 1e-4).numpy()
+    expected = -(a * np.log(a + 1e-6)).sum(1).mean()
+    assert attention_entropy(smoothed_attention(logits, 1e-4)).item() == pytest.approx(expected, rel=1e-12)
+    uniform = torch.full((1, 8), 1 / 8, dtype=torch.float64)
+    assert attention_entropy(uniform, eps=0.0).item() == pytest.approx(np.log(8))
+    torch.autograd.gradcheck(lambda z: attention_entropy(smoothed_attention(z, 1e-4)), (logits.requires_grad_(),))

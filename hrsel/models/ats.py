@@ -1,29 +1,32 @@
 """ATS baseline (Katharopoulos & Fleuret, ICML 2019): attention sampling without replacement.
 
-The scorer's softmax over the grid of a downscaled image is an attention distribution;
-K patches are drawn without replacement, encoded at full resolution, and averaged with
-the unbiased estimator weights (`hrsel.select.ats`). Inference takes the K most attended
-patches, in order of attention, through the same estimator.
+The scorer's smoothed softmax over the grid of a downscaled image is an attention
+distribution; K patches are drawn without replacement, encoded at full resolution, and
+averaged with the unbiased estimator weights (`hrsel.select.ats`). As in ATS's code, the
+draws happen at test time too (`sample_at_inference`); the K most attended patches are
+the deterministic alternative.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from hrsel.errors import ConfigError
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
 from hrsel.models.patches import ImageBatch, with_coordinate_channels
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
-from hrsel.select import entropy_regularizer
-from hrsel.select.ats import expectation_without_replacement, sample_without_replacement
+from hrsel.select.ats import (attention_entropy, expectation_without_replacement, sample_without_replacement,
+                              smoothed_attention)
 from hrsel.select.extract import GridGeometry
 from hrsel.tasks import TaskSpec
 
 
 class ATSPipeline(Pipeline):
-    """Attention sampling: softmax attention, K draws without replacement, unbiased mean.
+    """Attention sampling: smoothed softmax attention, K draws without replacement, unbiased mean.
 
     Keyword-only options:
         tasks: task name -> TaskSpec.
@@ -31,24 +34,31 @@ class ATSPipeline(Pipeline):
         patch_size: full-resolution patch centred on each attention cell (100).
         k: patches sampled (5). downscale: integer factor of the attention network's input (3).
         scorer, scorer_options: the attention network (SCORERS; "dps" is the ATS one).
-        backbone, backbone_options: feature network (ATS traffic: "narrow_resnet").
-        head_hidden: optional Dense + swish before each classifier.
-        entropy_coef: coef * H(attention) added to the loss (ATS regularises the entropy).
-        sample_at_inference: draw at eval too instead of taking the top-K.
+        backbone, backbone_options: feature network (ATS traffic: "ats_resnet").
+        head_hidden: optional Dense + swish before each classifier: a width or "same" (ATS: none).
+        attention_smoothing: attention = (1 - s) softmax + s / N (ATS: 1e-4).
+        entropy_strength: ATS's convention, the loss gets -strength * H(attention): a positive
+            strength rewards entropy (ATS speed limits: 1e-4). Not DPS's `entropy_coef`.
+        sample_at_inference: draw K patches at eval too, as ATS does; False takes the top-K.
+        normalize_features: L2-normalise each patch feature before the expectation (ATS's
+            feature nets end with L2Normalize).
         coord_channels: append x and y coordinate channels to the image, seen by both the
             attention and the feature network (DPS "ATS + concat. position").
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100, k: int = 5,
                  downscale: int = 3, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
-                 backbone: str = "narrow_resnet", backbone_options: dict[str, Any] | None = None,
-                 head_hidden: int | None = None, entropy_coef: float = 0.0, sample_at_inference: bool = False,
-                 coord_channels: bool = False):
+                 backbone: str = "ats_resnet", backbone_options: dict[str, Any] | None = None,
+                 head_hidden: int | str | None = None, attention_smoothing: float = 1e-4, entropy_strength: float = 0.0,
+                 sample_at_inference: bool = True, normalize_features: bool = False, coord_channels: bool = False):
         super().__init__()
+        if not 0.0 <= attention_smoothing < 1.0:
+            raise ConfigError(f"ats: attention_smoothing={attention_smoothing!r} must be in [0, 1) (ATS: 1e-4)")
         self.coord_channels = coord_channels
         in_chans = in_chans + 2 * coord_channels
         self.patch_size, self.k, self.downscale = patch_size, k, downscale
-        self.entropy_coef, self.sample_at_inference = entropy_coef, sample_at_inference
+        self.attention_smoothing, self.entropy_strength = attention_smoothing, entropy_strength
+        self.sample_at_inference, self.normalize_features = sample_at_inference, normalize_features
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
         self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
@@ -59,17 +69,23 @@ class ATSPipeline(Pipeline):
         batch = ImageBatch(images, device=next(self.parameters()).device)
         grid = self.scorer(batch.downscaled(self.downscale))  # (B, rows, cols)
         geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)
-        logits_a = grid.flatten(1)
-        attention = torch.softmax(logits_a, dim=1)  # (B, N)
+        attention = smoothed_attention(grid.flatten(1), self.attention_smoothing)  # (B, N)
         if self.training or self.sample_at_inference:
             drawn = sample_without_replacement(attention, self.k)  # (B, K), draw order
         else:
             drawn = attention.detach().topk(self.k, dim=1).indices
         patches = batch.gather(geometry, drawn)  # (B, K, C, p, p)
         b, k = drawn.shape
-        features = self.backbone(patches.flatten(0, 1)).view(b, k, -1)
+        features = self.backbone(patches.flatten(0, 1)).view(b, k, -1)  # (B, K, D)
+        if self.normalize_features:
+            features = F.normalize(features, dim=-1)
         pooled = expectation_without_replacement(attention, features, drawn)  # (B, D)
-        aux = self.entropy_coef * entropy_regularizer(logits_a) if self.training and self.entropy_coef else None
         return PipelineOutput(logits=self.heads(pooled[:, None]), indices=drawn.sort(dim=1).values,
-                              scores=attention.detach(), aux_loss=aux,
+                              scores=attention.detach(), aux_loss=self.entropy_loss(attention),
                               stats={"patches_scored": float(geometry.num_patches)})
+
+    def entropy_loss(self, attention: torch.Tensor) -> torch.Tensor | None:
+        """ATS's regulariser -strength * H(attention) while training; None otherwise."""
+        if not (self.training and self.entropy_strength):
+            return None
+        return -self.entropy_strength * attention_entropy(attention)

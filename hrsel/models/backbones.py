@@ -2,7 +2,8 @@
 
 torchvision ResNets (random init; ImageNet weights only from a local file, never
 downloaded), optionally truncated after a stage and with a rebuilt stem for gray
-images, and the narrow ResNet of ATS for traffic signs.
+images, the pre-activation feature net of ATS for traffic signs (also DPS's), and a
+narrow ResNet18 layout.
 """
 from __future__ import annotations
 
@@ -71,11 +72,14 @@ class ResNetBackbone(nn.Module):
 
 
 class NarrowResNet(nn.Module):
-    """The ATS traffic-sign feature net: a ResNet18 layout with `width` filters in every stage.
+    """A ResNet18 layout (post-activation blocks) with `width` filters in every stage.
+
+    Not the ATS/DPS traffic net (that is `ATSResNet`, "ats_resnet"): at width 32 this has
+    ~2.5x its parameters and ~7x its MACs. Kept as a cheap general-purpose option.
 
     Args:
         in_chans: input channels.
-        width: filters per stage (ATS paper 16; its JAX code 32).
+        width: filters per stage.
         strides: stride of each of the four stages.
         blocks: basic blocks per stage.
         stem_stride: stride of the first 3x3 conv (1 in ATS; larger makes a cheap feature net).
@@ -101,6 +105,61 @@ class NarrowResNet(nn.Module):
         return self.body(x).mean(dim=(2, 3))  # (n, D)
 
 
+class PreActBlock(nn.Module):
+    """ATS's pre-activation basic block: BN-ReLU, then conv3x3(stride)-BN-ReLU-conv3x3, plus shortcut.
+
+    As in ATS (`scripts/speed_limits.py`) and its DPS JAX port (`BasicBlockv2`), the shortcut
+    starts after the first BN-ReLU: the activated input itself, or a strided 1x1 conv of it
+    (no BN) when the stride or the width changes. No conv has a bias.
+    """
+
+    def __init__(self, *, in_chans: int, width: int, stride: int):
+        super().__init__()
+        self.pre = nn.Sequential(nn.BatchNorm2d(in_chans), nn.ReLU(inplace=True))
+        self.residual = nn.Sequential(nn.Conv2d(in_chans, width, 3, stride, 1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                                      nn.Conv2d(width, width, 3, 1, 1, bias=False))
+        self.shortcut = (nn.Conv2d(in_chans, width, 1, stride, bias=False)
+                         if stride != 1 or in_chans != width else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x)
+        return self.residual(x) + self.shortcut(x)
+
+
+class ATSResNet(nn.Module):
+    """The ATS traffic-sign feature net, also DPS's traffic feature net (JAX `ATSFeatureNetwork`).
+
+    conv3x3(width, stem_stride) -> one PreActBlock per stride -> BN-ReLU -> global average pool.
+    Defaults: 32 filters, strides 1 then 2, 2, 2: 59,680 parameters and 72.7M MACs per
+    100x100 RGB patch (10 convs), D = 32. ATS L2-normalises these features inside its net;
+    the DPS JAX port does not, so here it is the pipeline's option (`ATSPipeline`).
+
+    Padding is symmetric (1 for 3x3): TF/Flax "SAME" pads one more pixel at the bottom/right
+    of an even input at stride 2, a one-pixel shift of the sampling grid with the same
+    output sizes and cost. Batch norm uses torch's defaults (= the DPS JAX port: momentum
+    0.9, eps 1e-5; ATS's Keras layers: 0.99, 1e-3).
+
+    Args:
+        in_chans: input channels.
+        width: filters of the stem and of every block (ATS code and DPS JAX: 32; the papers say 16).
+        strides: stride of each block (ATS: 2, 2, 2).
+        stem_stride: stride of the first conv (ATS: 1).
+    """
+
+    def __init__(self, *, in_chans: int = 3, width: int = 32, strides: tuple[int, ...] = (2, 2, 2),
+                 stem_stride: int = 1):
+        super().__init__()
+        blocks = [PreActBlock(in_chans=width, width=width, stride=s) for s in strides]
+        self.body = nn.Sequential(nn.Conv2d(in_chans, width, 3, stem_stride, 1, bias=False), *blocks,
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.out_dim = width
+        self.in_chans = in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))  # (n, D)
+
+
 @BACKBONES.register("resnet18")
 def _resnet18(**kwargs) -> ResNetBackbone:
     return ResNetBackbone(arch="resnet18", **kwargs)
@@ -117,8 +176,36 @@ def _resnet50(**kwargs) -> ResNetBackbone:
 
 
 BACKBONES.register("narrow_resnet")(NarrowResNet)
+BACKBONES.register("ats_resnet")(ATSResNet)
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
     """`build_backbone("resnet18", in_chans=1, last_stage="layer2")`; the module has `.out_dim`."""
     return BACKBONES.build(name, **kwargs)
+
+
+class FeatureProjector(nn.Module):
+    """Pre-extracted features (n, in_dim) -> (n, dim): the IPS CAMELYON16 patch "encoder".
+
+    LayerNorm without affine parameters, Linear(in_dim, dim), BatchNorm1d, ReLU (IPS: 2048 -> 512).
+
+    Args:
+        in_dim: width of the cached features (2048 for ResNet50 features).
+        dim: embedding width D of the aggregator (512).
+        in_chans: ignored (the pipelines pass it to every backbone).
+    """
+
+    def __init__(self, *, in_dim: int = 2048, dim: int = 512, in_chans: int | None = None):
+        super().__init__()
+        self.body = nn.Sequential(nn.LayerNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, dim),
+                                  nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+        self.in_dim, self.out_dim = in_dim, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"feature_projector expects features (n, {self.in_dim}), got {tuple(x.shape)}; "
+                             f"set backbone_options.in_dim to the width of the feature cache")
+        return self.body(x)
+
+
+BACKBONES.register("feature_projector")(FeatureProjector)

@@ -13,12 +13,36 @@ sum_{j<k} a_{i_j} f_{i_j} + (1 - sum_{j<k} a_{i_j}) f_{i_k}, is unbiased on its 
 
 Gradients: d/df_k = w_k; for the attention, sum_n a_n f_n grad(log a_n) is estimated
 by the same weights, giving w_k <G, f_k> / a_{i_k} at the sampled patches.
+
+ATS smooths the attention so that every patch keeps a floor of probability
+(`smoothed_attention`) and regularises its entropy (`attention_entropy`): the ATS loss
+term is strength * sum_n a_n log(a_n + eps) = -strength * H(a), so a positive strength
+rewards entropy (the opposite sign of DPS's `entropy_coef * H`).
 """
 from __future__ import annotations
 
 import torch
 
 from hrsel.select._checks import check_k
+
+
+def smoothed_attention(logits: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
+    """(B, N) attention logits -> (1 - smooth) softmax + smooth / N (ATS `SampleSoftmax`).
+
+    Rows sum to 1 and every patch keeps at least smooth / N; ATS uses 1e-4 on the
+    speed limits (1e-5 on megapixel MNIST); 0 is the plain softmax.
+    """
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"attention smoothing must be in [0, 1), got {smooth!r}")
+    return (1.0 - smooth) * torch.softmax(logits, dim=1) + smooth / logits.shape[1]
+
+
+def attention_entropy(attention: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Mean over the batch of H(a) = -sum_n a_n log(a_n + eps) for (B, N) attention.
+
+    ATS's `multinomial_entropy(strength)` adds -strength * this to the loss.
+    """
+    return -(attention * torch.log(attention + eps)).sum(dim=1).mean()
 
 
 def sample_without_replacement(attention: torch.Tensor, k: int, *,
