@@ -5,20 +5,24 @@ absent patches are masked everywhere) and optional positions, either (B, K) int6
 raster indices or (B, K, N) soft indicators (DPS: indicator-weighted position
 embeddings, i.e. Y @ table). They return (B, T, out_dim): T = 1, or one token per task
 for cross-attention MIL pooling (`num_tokens`).
+
+Positional encodings (`pos_encoding`): none, learned (a table, no bias), sincos (a
+fixed table) or dense (DPS: a Linear layer with bias over the N-dim indicator vector,
+Y @ W + b; for hard indices W[idx] + b).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hrsel.errors import ConfigError
 from hrsel.registry import Registry
 
 AGGREGATORS = Registry("aggregator")
-POS_ENCODINGS = ("none", "learned", "sincos")
+POS_ENCODINGS = ("none", "learned", "sincos", "dense")
+POOLINGS = ("cls", "sum")
 
 
 def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -32,26 +36,41 @@ def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
-    """kind: none | learned | sincos over `num_positions` grid cells; added to the patch embeddings."""
+    """kind: none | learned | sincos | dense over `num_positions` grid cells; added to the patch embeddings.
+
+    learned: a table T (N, D), no bias: T[idx] or Y @ T. sincos: the same with a fixed table.
+    dense (DPS JAX): Dense(indicators) = Y @ W + b, i.e. W[idx] + b for hard indices; W is
+    initialised like Flax's Dense (LeCun normal, std 1/sqrt(N)), b at zero.
+    """
 
     def __init__(self, *, kind: str = "none", num_positions: int = 0, dim: int):
         super().__init__()
         if kind not in POS_ENCODINGS:
             raise ConfigError(f"pos_encoding {kind!r} is unknown; valid: {', '.join(POS_ENCODINGS)}")
         if kind != "none" and num_positions < 1:
-            raise ConfigError(f"pos_encoding {kind!r} needs num_positions >= 1 (the number of grid cells)")
+            raise ConfigError(f"pos_encoding {kind!r} needs num_positions >= 1, got {num_positions}: set "
+                              "model.num_positions to the number of score-grid cells (e.g. 900 for a 30x30 "
+                              "grid) or model.pos_encoding=none")
         self.kind = kind
-        if kind == "learned":
-            self.table = nn.Parameter(torch.randn(num_positions, dim) * 0.02)
+        if kind in ("learned", "dense"):
+            std = 0.02 if kind == "learned" else num_positions ** -0.5
+            self.table = nn.Parameter(torch.randn(num_positions, dim) * std)  # (N, D)
         elif kind == "sincos":
             self.register_buffer("table", sincos_table(num_positions, dim), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "dense" else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "none" or positions is None:
             return x
+        num = self.table.shape[0]
+        if positions.dtype != torch.int64 and positions.shape[-1] != num:
+            raise ValueError(f"positions have {positions.shape[-1]} grid cells but pos_encoding {self.kind!r} was "
+                             f"built for model.num_positions={num}; set it to the score grid's cell count")
         if positions.dtype == torch.int64:  # (B, K) raster indices; -1 = absent
-            return x + self.table[positions.clamp_min(0)]
-        return x + positions.to(x.dtype) @ self.table.to(x.dtype)  # (B, K, N) @ (N, D)
+            pos = self.table[positions.clamp_min(0)]  # (B, K, D)
+        else:
+            pos = positions.to(x.dtype) @ self.table.to(x.dtype)  # (B, K, N) @ (N, D)
+        return x + pos if self.bias is None else x + pos + self.bias.to(x.dtype)
 
 
 class _Aggregator(nn.Module):
@@ -92,33 +111,95 @@ class MaxPool(_Aggregator):
         return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
+@AGGREGATORS.register("concat")
+class ConcatPool(_Aggregator):
+    """The K patch features side by side in selection (raster) order: (B, K, D) -> (B, 1, K * D).
+
+    DPS table 3 "[Concat]" (as NTS-Net): a large linear classifier over K * D features;
+    masked patches contribute zeros.
+
+    Args: in_dim, num_patches (K; the DPS pipeline fills in its k), pos_encoding, num_positions.
+    """
+
+    def __init__(self, *, in_dim: int, num_patches: int = 0, pos_encoding: str = "none", num_positions: int = 0):
+        super().__init__(in_dim=in_dim, pos_encoding=pos_encoding, num_positions=num_positions)
+        if num_patches < 1:
+            raise ConfigError(f"aggregator 'concat' needs num_patches >= 1 (the K patches it concatenates), "
+                              f"got {num_patches}; set model.aggregator_options.num_patches to K")
+        self.num_patches = num_patches
+        self.out_dim = num_patches * in_dim
+
+    def forward(self, x, *, mask=None, positions=None):
+        if x.shape[1] != self.num_patches:
+            raise ValueError(f"aggregator 'concat' was built for {self.num_patches} patches, got {x.shape[1]}")
+        m = self._mask(x, mask).to(x.dtype)[..., None]  # (B, K, 1)
+        x = self.pos(x, positions) * m
+        return x.flatten(1)[:, None]  # (B, 1, K * D)
+
+
+class PostLNLayer(nn.Module):
+    """A post-LayerNorm encoder layer as in the DPS JAX transformer.
+
+    x = LN(x + drop(attn(x))); x = LN(x + drop(FFN(x))), FFN = Dense(hidden) ReLU Dense(dim).
+    Dropout acts on the attention output and on the FFN output only (not on the attention
+    weights nor inside the FFN); LayerNorm epsilon 1e-6 (Flax).
+    """
+
+    def __init__(self, *, dim: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim), padding (B, L) bool (True = ignore as a key) -> (B, L, dim)."""
+        attended = self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        x = self.norm1(x + self.drop(attended))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
 @AGGREGATORS.register("transformer")
 class TransformerAggregator(_Aggregator):
-    """A CLS token and a post-LayerNorm transformer encoder over the patch embeddings (DPS billiard).
+    """A post-LayerNorm transformer encoder over the patch embeddings (DPS billiard).
+
+    DPS (JAX ptopk_patch_selection): position = Dense(indicators) added to the in_dim
+    features, Dense(in_dim -> dim), 3 post-LN layers, 8 heads, FFN 2x, dropout 0.1, then the
+    token outputs are summed (pool "sum", no CLS token). The position is added before the
+    projection for every kind of encoding. pool "cls" prepends a learned CLS token and
+    returns its output instead.
 
     Args:
         in_dim: embedding width of the backbone.
         dim: transformer width (a linear map from in_dim when different); DPS 256.
         depth: layers (3); heads: attention heads (8); mlp_ratio: FFN width / dim (2);
-        dropout: 0.1; pos_encoding: none | learned | sincos; num_positions: grid cells.
+        dropout: 0.1; pool: sum (DPS) | cls;
+        pos_encoding: none | learned | sincos | dense (DPS); num_positions: grid cells.
     """
 
     def __init__(self, *, in_dim: int, dim: int = 256, depth: int = 3, heads: int = 8, mlp_ratio: float = 2.0,
-                 dropout: float = 0.1, pos_encoding: str = "learned", num_positions: int = 0):
-        super().__init__(in_dim=dim, pos_encoding=pos_encoding, num_positions=num_positions)
-        self.in_dim, self.out_dim = in_dim, dim
+                 dropout: float = 0.1, pool: str = "sum", pos_encoding: str = "none", num_positions: int = 0):
+        super().__init__(in_dim=in_dim, pos_encoding=pos_encoding, num_positions=num_positions)
+        if pool not in POOLINGS:
+            raise ConfigError(f"transformer pool {pool!r} is unknown; valid: {', '.join(POOLINGS)}")
+        self.pool, self.out_dim = pool, dim
         self.proj = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, batch_first=True,
-                                           norm_first=False)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.layers = nn.ModuleList(PostLNLayer(dim=dim, heads=heads, hidden=int(dim * mlp_ratio), dropout=dropout)
+                                    for _ in range(depth))
 
     def forward(self, x, *, mask=None, positions=None):
         m = self._mask(x, mask)
-        x = self.pos(self.proj(x), positions)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + K, dim)
-        keep = torch.cat([m.new_ones(m.shape[0], 1), m], dim=1)
-        return self.encoder(tokens, src_key_padding_mask=~keep)[:, :1]  # (B, 1, dim)
+        tokens = self.proj(self.pos(x, positions))  # (B, K, dim)
+        if self.cls is not None:
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + K, dim)
+            m = torch.cat([m.new_ones(m.shape[0], 1), m], dim=1)
+        padding = ~(m | ~m.any(dim=1, keepdim=True))  # a sample without real patches attends to all (no NaN)
+        for layer in self.layers:
+            tokens = layer(tokens, padding)
+        if self.cls is not None:
+            return tokens[:, :1]  # (B, 1, dim)
+        return (tokens * m[..., None].to(tokens.dtype)).sum(dim=1, keepdim=True)  # (B, 1, dim)
 
 
 @AGGREGATORS.register("attention")
@@ -147,8 +228,8 @@ class CrossAttentionMIL(_Aggregator):
                                  nn.Linear(mlp_dim, in_dim))
         self.drop = nn.Dropout(dropout)
 
-    def _attention(self, x, mask, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (attention (B, H, T, K), values (B, H, K, D_k))."""
+    def _logits(self, x, mask, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (attention logits (B, H, T, K), -inf at masked patches; values (B, H, K, D_k))."""
         m = self._mask(x, mask)
         x = self.pos(x, positions)
         b, k, _ = x.shape
@@ -156,13 +237,36 @@ class CrossAttentionMIL(_Aggregator):
         keys = self.to_k(x).view(b, k, self.heads, self.head_dim).transpose(1, 2)  # (B, H, K, Dk)
         values = self.to_v(x).view(b, k, self.heads, self.head_dim).transpose(1, 2)
         logits = q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, T, K)
-        logits = logits.masked_fill(~m[:, None, None, :], float("-inf"))
+        return logits.masked_fill(~m[:, None, None, :], float("-inf")), values
+
+    def _attention(self, x, mask, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (attention (B, H, T, K), values (B, H, K, D_k))."""
+        logits, values = self._logits(x, mask, positions)
         return torch.softmax(logits, dim=-1).nan_to_num(0.0), values
 
     def attention_scores(self, x, *, mask=None, positions=None) -> torch.Tensor:
         """(B, K, D) -> (B, K) attention averaged over heads and queries (0 at masked patches)."""
         attn, _ = self._attention(x, mask, positions)
         return attn.mean(dim=(1, 2))
+
+    def attention_logits(self, x, *, mask=None, positions=None) -> torch.Tensor:
+        """(B, K, D) -> (B, K, H*T) pre-softmax logits, -inf at masked patches.
+
+        A patch's logits do not depend on the other patches of the set, so logits recorded
+        chunk by chunk can be normalised over the whole image afterwards (`scores_from_logits`).
+        """
+        logits, _ = self._logits(x, mask, positions)
+        return logits.flatten(1, 2).transpose(1, 2)  # (B, H*T, K) -> (B, K, H*T)
+
+    @staticmethod
+    def scores_from_logits(logits: torch.Tensor) -> torch.Tensor:
+        """(B, N, H*T) logits of every patch -> (B, N) attention over all N, averaged over heads and queries.
+
+        Equals `attention_scores` of the whole set in one round; NaN (never seen) stays NaN.
+        """
+        seen = ~torch.isnan(logits[..., 0])  # (B, N)
+        attn = torch.softmax(logits.nan_to_num(float("-inf")), dim=1).nan_to_num(0.0)
+        return attn.mean(dim=2).masked_fill(~seen, float("nan"))
 
     def forward(self, x, *, mask=None, positions=None):
         attn, values = self._attention(x, mask, positions)

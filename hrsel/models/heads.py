@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrsel.errors import ConfigError
 from hrsel.tasks import TaskSpec
 
 
@@ -21,13 +22,15 @@ class TaskHeads(nn.Module):
     Args:
         tasks: task name -> TaskSpec.
         in_dim: token width D.
-        hidden_dim: DPS puts Dense(hidden) + swish before each classifier; None: linear only.
+        hidden_dim: DPS puts Dense(hidden) + swish before each classifier; "same": hidden = D
+            (DPS JAX: Dense(D) + swish, D the aggregated width); None: linear only.
     """
 
-    def __init__(self, *, tasks: dict[str, TaskSpec], in_dim: int, hidden_dim: int | None = None):
+    def __init__(self, *, tasks: dict[str, TaskSpec], in_dim: int, hidden_dim: int | str | None = None):
         super().__init__()
         if not tasks:
             raise ValueError("TaskHeads needs at least one task")
+        hidden_dim = resolve_hidden(hidden_dim, in_dim)
         self.tasks = dict(tasks)
         self.heads = nn.ModuleDict()
         for name, spec in self.tasks.items():
@@ -42,6 +45,16 @@ class TaskHeads(nn.Module):
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         per_task = tokens.shape[1] == len(self.tasks)
         return {name: head(tokens[:, i if per_task else 0]) for i, (name, head) in enumerate(self.heads.items())}
+
+
+def resolve_hidden(hidden_dim: int | str | None, in_dim: int) -> int | None:
+    """head_hidden: an int, "same" (= in_dim) or None / 0 (no hidden layer)."""
+    if hidden_dim == "same":
+        return in_dim
+    if hidden_dim is None or (isinstance(hidden_dim, int) and not isinstance(hidden_dim, bool) and hidden_dim >= 0):
+        return hidden_dim or None
+    raise ConfigError(f"head_hidden {hidden_dim!r} is invalid; valid: a width >= 1, 'same' (the aggregated "
+                      "feature width) or null (no hidden layer); e.g. model.head_hidden=same")
 
 
 def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
