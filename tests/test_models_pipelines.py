@@ -92,6 +92,8 @@ def test_ips_pipeline_selects_global_topm_by_attention(chunk_size, m):
         attention = model.classifier.aggregator.attention_scores(feats)  # one head, one query: monotone
     out = model.train()(x)
     assert torch.equal(out.indices, attention.topk(m, dim=1).indices.sort(dim=1).values)
+    # the recorded map is the one-round attention over all 16 patches, whatever the chunk size
+    torch.testing.assert_close(out.scores, attention, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["ips", "dps", "dps_candidates", "cnn"])

@@ -4,14 +4,20 @@
    + chunk with the cross-attention MIL aggregator, keep the top M (`iterative_topm`).
 2. With grad, train mode: re-read the M chosen patches, encode and aggregate them.
 Peak memory depends on M, I and the patch size, not on the image size.
+
+Images may also be bags of pre-extracted patch features ((B, N, D) or a list of (N_i, D),
+the IPS CAMELYON16 setup): the "backbone" is then a projector of the features
+(`feature_projector`), and bags of different lengths go through the selection one by one.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from hrsel.errors import ConfigError
+from hrsel.models.bags import FeatureBags, is_feature_bags
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.patches import ImageBatch
 from hrsel.models.pipeline import Pipeline, PipelineOutput
@@ -60,30 +66,67 @@ class IPSPipeline(Pipeline):
     def _score(self, items: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.classifier.aggregator.attention_scores(items, mask=mask, positions=indices)
 
+    def _logits(self, items: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # kept on the host: N x heads x tasks floats would otherwise grow device memory with the image
+        return self.classifier.aggregator.attention_logits(items, mask=mask, positions=indices).float().cpu()
+
     @torch.no_grad()
-    def select(self, batch: ImageBatch, geometry: GridGeometry):
-        """The no-grad pass -> TopMResult with indices (B, M) in raster order."""
+    def select(self, batch: ImageBatch | FeatureBags, geometry: GridGeometry | None = None):
+        """The no-grad pass -> TopMResult with indices (B, M) in raster order.
+
+        `all_scores` (B, N) is every patch's attention as if all N were scored in one round:
+        the attention logits of a patch do not depend on the set, so they are recorded as each
+        chunk arrives (N x heads x tasks floats, on the host) and normalised over all N
+        at the end. The selection itself uses the attention over buffer + chunk, as IPS does.
+        """
+        if isinstance(batch, FeatureBags):
+            chunks, num_items = batch.chunks(self.chunk_size), batch.sizes[0]
+        else:
+            chunks, num_items = batch.chunks(geometry, self.chunk_size), geometry.num_patches
         was_training = self.training
         self.eval()
         try:
-            chunks = ((idx, self.classifier.encode(patches)) for idx, patches in
-                      batch.chunks(geometry, self.chunk_size))
-            return iterative_topm(chunks, m=min(self.num_selected, geometry.num_patches), score_fn=self._score,
-                                  record_scores=True, random_ties=self.shuffle and was_training)
+            encoded = ((idx, self.classifier.encode(items)) for idx, items in chunks)
+            result = iterative_topm(encoded, m=min(self.num_selected, num_items), score_fn=self._score,
+                                    record_fn=self._logits, random_ties=self.shuffle and was_training)
+            result.all_scores = self.classifier.aggregator.scores_from_logits(result.all_scores)
+            return result
         finally:
             self.train(was_training)
 
+    def _select_one_by_one(self, parts: list[ImageBatch | FeatureBags], geometry: GridGeometry | None = None):
+        """Selection image by image -> indices (B, M), mask (B, M), scores (B, max N) NaN-padded."""
+        results = [self.select(part, geometry) for part in parts]
+        m = max(r.indices.shape[1] for r in results)
+        n = max(r.all_scores.shape[1] for r in results)
+        indices = torch.cat([F.pad(r.indices, (0, m - r.indices.shape[1]), value=-1) for r in results])
+        mask = torch.cat([F.pad(r.mask, (0, m - r.mask.shape[1]), value=False) for r in results])
+        scores = torch.cat([F.pad(r.all_scores, (0, n - r.all_scores.shape[1]), value=float("nan"))
+                            for r in results])
+        return indices, mask, scores
+
+    def _forward_bags(self, bags: FeatureBags) -> PipelineOutput:
+        if self.mode == "eager_sequential" or not bags.equal_sizes:
+            indices, mask, scores = self._select_one_by_one(bags.split())
+        else:
+            result = self.select(bags)
+            indices, mask, scores = result.indices, result.mask, result.all_scores
+        features = bags.gather(indices)  # (B, M, D), with grad from here on
+        logits = self.classifier(features, mask=mask, positions=indices)
+        return PipelineOutput(logits=logits, indices=indices, scores=scores,
+                              stats={"patches_scored": float(sum(bags.sizes)) / bags.batch_size})
+
     def forward(self, images) -> PipelineOutput:
         device = next(self.parameters()).device
+        if is_feature_bags(images):
+            return self._forward_bags(FeatureBags(images, device=device))
         if self.mode == "eager" and isinstance(images, torch.Tensor):
             images = images.to(device)
         batch = ImageBatch(images, device=device)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
         if self.mode == "eager_sequential":  # one image at a time through the selection pass
-            parts = [self.select(ImageBatch(images[i:i + 1], device=device), geometry) for i in range(len(images))]
-            indices = torch.cat([p.indices for p in parts])
-            mask = torch.cat([p.mask for p in parts])
-            scores = torch.cat([p.all_scores for p in parts])
+            parts = [ImageBatch(images[i:i + 1], device=device) for i in range(len(images))]
+            indices, mask, scores = self._select_one_by_one(parts, geometry)
         else:
             result = self.select(batch, geometry)
             indices, mask, scores = result.indices, result.mask, result.all_scores

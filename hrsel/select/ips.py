@@ -21,6 +21,8 @@ from hrsel.select._checks import check_positive_int
 
 # (items (B, n, ...), mask (B, n) bool, indices (B, n) int64) -> scores (B, n)
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# the same arguments for one arriving chunk -> (B, n, ...) values to record per item
+RecordFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -29,7 +31,7 @@ class TopMResult:
     items: torch.Tensor  # (B, M, ...) the kept items, in the order of `indices`
     scores: torch.Tensor  # (B, M) their scores in the last round; -inf where absent
     mask: torch.Tensor  # (B, M) bool, True for a real item
-    all_scores: torch.Tensor | None = None  # (B, N) the score of each item in the round it arrived
+    all_scores: torch.Tensor | None = None  # (B, N, ...) what was recorded per item, NaN where none arrived
 
 
 def _keep_top(indices, items, scores, mask, keys, m: int):
@@ -43,8 +45,8 @@ def _keep_top(indices, items, scores, mask, keys, m: int):
 
 @torch.no_grad()
 def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: int, score_fn: ScoreFn,
-                   record_scores: bool = False, random_ties: bool = False,
-                   generator: torch.Generator | None = None) -> TopMResult:
+                   record_scores: bool = False, record_fn: RecordFn | None = None,
+                   random_ties: bool = False, generator: torch.Generator | None = None) -> TopMResult:
     """Select the M best items of a stream without holding more than M + I of them.
 
     Args:
@@ -53,7 +55,12 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
         m: how many items to keep (M).
         score_fn: scores (B, n') for a set of items and its mask; called on buffer + chunk.
         record_scores: also return every item's score from the round in which it arrived,
-            placed at its index (needs indices in [0, N)).
+            placed at its index (needs indices in [0, N)). Comparable across items only for a
+            pointwise score: a set-dependent score (attention) differs with the chunk an item
+            arrived in; use `record_fn` for those.
+        record_fn: called on each arriving chunk alone; its (B, n, ...) values are returned
+            in `all_scores` at the items' indices (e.g. attention logits, which the caller
+            normalises over all N afterwards). Takes precedence over `record_scores`.
         random_ties: break score ties randomly instead of by arrival order.
         generator: for the random tie-break keys.
 
@@ -87,7 +94,9 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
         scores = score_fn(cand_items, cand_mask, cand_idx)
         if scores.shape != cand_idx.shape:
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {tuple(cand_idx.shape)}")
-        if record_scores:
+        if record_fn is not None:
+            recorded.append((idx, record_fn(items, new_mask, idx).float()))
+        elif record_scores:
             recorded.append((idx, scores[:, -idx.shape[1]:].float()))
         buf = _keep_top(cand_idx, cand_items, scores, cand_mask, cand_keys, m)
     if buf is None:
@@ -104,13 +113,17 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
     key = torch.where(mask, indices, torch.iinfo(torch.int64).max)
     order = key.argsort(dim=1)
     indices, items, scores, mask = _gather_rows(order, indices, items, scores, mask)
-    all_scores = None
-    if record_scores:
-        idx_all = torch.cat([i for i, _ in recorded], dim=1)
-        sc_all = torch.cat([s for _, s in recorded], dim=1)
-        all_scores = sc_all.new_full((idx_all.shape[0], int(idx_all.max()) + 1), float("nan"))
-        all_scores.scatter_(1, idx_all, sc_all)
+    all_scores = _place(recorded) if recorded else None
     return TopMResult(indices, items, scores, mask, all_scores)
+
+
+def _place(recorded: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[(indices (B, n), values (B, n, ...))] -> (B, N, ...) values at their indices, NaN elsewhere."""
+    idx_all = torch.cat([i for i, _ in recorded], dim=1)
+    val_all = torch.cat([v for _, v in recorded], dim=1)
+    out = val_all.new_full((idx_all.shape[0], int(idx_all.max()) + 1) + val_all.shape[2:], float("nan"))
+    view = idx_all.view(idx_all.shape + (1,) * (val_all.dim() - 2)).expand(val_all.shape)
+    return out.scatter_(1, view, val_all)
 
 
 def _gather_rows(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
