@@ -31,13 +31,18 @@ class DataConfig:
     name: str = "megapixel_mnist"  # a name of hrsel.data.build_dataset
     root: str = ""  # the data folder
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "test"  # the test split: evaluated once, at the end, with best.pt's weights
+    # What best.pt is selected on: auto (the data set's own validation split where it has one, e.g.
+    # billiard "valid", else holdout) | holdout (a seeded, class-stratified val_fraction of train_split,
+    # not trained on) | a split name | none (select on eval_split, the pre-validation behaviour: optimistic).
+    val_split: str = "auto"
+    val_fraction: float = 0.1  # holdout: the share of train_split held out for validation
     batch_size: int = 16
     eval_batch_size: int = 0  # 0: same as batch_size
     num_workers: int = 0
     images_to_device: bool = True  # move image tensors to the device (False: the pipeline moves chunks)
     limit_train: int = 0  # use only the first n training items (0: all), for smoke runs
-    limit_eval: int = 0
+    limit_eval: int = 0  # use only the first n validation and n test items (0: all)
     generate_if_missing: bool = False  # build the data set into `root` when it is absent
     generate: dict[str, Any] = field(default_factory=dict)  # options of the generator
     options: dict[str, Any] = field(default_factory=dict)  # free keys: build_dataset(**options)
@@ -54,12 +59,16 @@ class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
+    weight_decay_mode: str = "lr_scaled"  # lr_scaled (torch: decay x lr) | absolute (DPS JAX: decay x schedule only)
+    weight_decay_on: str = "matrices"  # matrices (no decay on biases and norms) | all (DPS JAX)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine | piecewise | constant
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    warmup_ratio: float = 0.0  # or as a fraction of all updates (the DPS JAX configs' warmup_ratio)
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio * lr
     milestones: list[float] = field(default_factory=list)  # piecewise: epochs where lr *= gamma
+    milestone_ratios: list[float] = field(default_factory=list)  # or fractions of all updates (DPS CUB: 0.6, 0.8)
     gamma: float = 0.1
     clip_value: float = 0.0  # 0: off
     clip_norm: float = 0.0  # 0: off
@@ -83,8 +92,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metric: str = ""  # "task/metric" that picks the best checkpoint; "": first task's first metric
-    pictures: int = 4  # test images drawn with heatmap and selected patches per evaluation
+    metric: str = ""  # "task/metric" that picks best.pt on the validation set; "": first task's first metric
+    pictures: int = 4  # validation images drawn per evaluation (and test images, in pictures/test/, at the end)
 
 
 @dataclass
@@ -108,6 +117,8 @@ _FREE_KEYS = "options"  # the field of a section that collects its free keys
 _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "piecewise", "constant"),
+    "optim.weight_decay_mode": ("lr_scaled", "absolute"),
+    "optim.weight_decay_on": ("matrices", "all"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -392,13 +403,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'optim.lr' = {cfg.optim.lr!r} must be > 0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' = {cfg.optim.betas!r} must hold two numbers, e.g. [0.9, 0.999]")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(f"config key 'optim.warmup_ratio' = {cfg.optim.warmup_ratio!r} must be in [0, 1)")
+    if cfg.optim.warmup_ratio and cfg.optim.warmup_epochs:
+        raise ConfigError("config keys 'optim.warmup_ratio' and 'optim.warmup_epochs' are both set; keep one")
+    if cfg.optim.milestone_ratios and cfg.optim.milestones:
+        raise ConfigError("config keys 'optim.milestone_ratios' and 'optim.milestones' are both set; keep one")
+    if any(not 0 < r < 1 for r in cfg.optim.milestone_ratios):
+        raise ConfigError(f"config key 'optim.milestone_ratios' = {cfg.optim.milestone_ratios!r}: each must be "
+                          f"in (0, 1), e.g. [0.6, 0.8]")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio!r} must be in [0, 1]")
+    if cfg.optim.weight_decay_mode == "absolute" and cfg.optim.name != "adamw":
+        raise ConfigError(f"config key 'optim.weight_decay_mode' = 'absolute' needs optim.name=adamw (decoupled "
+                          f"decay), got optim.name={cfg.optim.name!r}; use weight_decay_mode=lr_scaled with sgd")
+    _validate_val_split(cfg)
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty; set it to the data folder, e.g. data.root=data/mnist")
     for key, value in cfg.model.options.items():  # counts of patches: K, M, I, ...
         if key in _POSITIVE_MODEL_KEYS and isinstance(value, (int, float)) and value <= 0:
             raise ConfigError(f"config key 'model.{key}' = {value!r} must be > 0")
+
+
+def _validate_val_split(cfg: Config) -> None:
+    data = cfg.data
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"config key 'data.val_fraction' = {data.val_fraction!r} must be in (0, 1), e.g. 0.1")
+    if data.val_split == data.eval_split:
+        raise ConfigError(f"config key 'data.val_split' = {data.val_split!r} is the test split (data.eval_split): "
+                          f"best.pt would be selected on test data; use data.val_split=auto, or none to do so "
+                          f"knowingly")
+    if data.val_split == data.train_split:
+        raise ConfigError(f"config key 'data.val_split' = {data.val_split!r} is the training split; use "
+                          f"data.val_split=holdout to hold out data.val_fraction of it")
+    if not data.val_split:
+        raise ConfigError("config key 'data.val_split' is empty; use auto, holdout, none or a split name")
 
 
 _POSITIVE_MODEL_KEYS = {"k", "K", "m", "M", "num_selected", "num_patches", "memory_size", "iter_size",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +86,87 @@ def preflight(cfg: Config) -> None:
                                                   GENERATORS[cfg.data.name], supplied=("root",))
 
 
-def build_datasets(cfg: Config) -> tuple[Any, Any]:
+@dataclass
+class Splits:
+    """The data of a run: train, validation (None with data.val_split=none) and test sets."""
+
+    train: Any
+    val: Any | None
+    test: Any
+    record: dict[str, Any]  # how the validation set was made; the run folder keeps it as validation.json
+
+
+def build_datasets(cfg: Config) -> Splits:
+    """Train, validation and test sets; best.pt is selected on validation, test is evaluated once at the end."""
+    train = open_split(cfg, cfg.data.train_split, for_eval=False)
+    test = open_split(cfg, cfg.data.eval_split, for_eval=True)
+    mode = validation_mode(cfg)
+    if mode == "none":
+        log.warning("data.val_split=none: best.pt is selected on the test split %r, so its test metrics are "
+                    "optimistic", cfg.data.eval_split)
+        return Splits(train, None, test, {"val_split": "none", "rule": f"no validation set: best.pt is selected "
+                                                                        f"on the test split {cfg.data.eval_split!r}"})
+    if mode == "holdout":
+        return _hold_out(cfg, train, test)
+    try:
+        val = open_split(cfg, mode, for_eval=True)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.val_split' = {cfg.data.val_split!r} validates on the {cfg.data.name} "
+                          f"split {mode!r}, which cannot be opened: {e} Or set data.val_split=holdout to hold out "
+                          f"data.val_fraction of {cfg.data.train_split!r}") from None
+    return Splits(train, val, test, {"val_split": mode, "rule": f"the data set's own {mode!r} split",
+                                     "size": len(val)})
+
+
+def validation_mode(cfg: Config) -> str:
+    """'none', 'holdout' or the split to validate on (data.val_split=auto: the data set's own, else holdout)."""
+    from hrsel.data.registry import validation_split
+
+    if cfg.data.val_split != "auto":
+        return cfg.data.val_split
+    return validation_split(cfg.data.name) or "holdout"
+
+
+def open_split(cfg: Config, split: str, *, for_eval: bool) -> Any:
+    """One split of the configured data set; `for_eval` turns augmentation off where the data set has it."""
     from hrsel import data
 
-    options = _builder_options("data", cfg.data.name, cfg.data.options, _dataset_builder(cfg.data.name),
-                               supplied=("split", "root"))
+    builder = _dataset_builder(cfg.data.name)
+    options = _builder_options("data", cfg.data.name, cfg.data.options, builder, supplied=("split", "root"))
+    if for_eval and builder is not None and "augment" in inspect.signature(builder).parameters:
+        options = {**options, "augment": False}
     try:
-        train = data.build_dataset(cfg.data.name, split=cfg.data.train_split, root=cfg.data.root, **options)
-        test = data.build_dataset(cfg.data.name, split=cfg.data.eval_split, root=cfg.data.root, **options)
+        return data.build_dataset(cfg.data.name, split=split, root=cfg.data.root, **options)
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'data.root' = {cfg.data.root!r}: {e}") from None
-    return train, test
+
+
+def _hold_out(cfg: Config, train: Any, test: Any) -> Splits:
+    """Hold out a seeded, class-stratified data.val_fraction of the training split (un-augmented) for validation."""
+    from hrsel.data.split import class_labels, holdout_indices, subset
+
+    task, labels = class_labels(train) or (None, None)
+    kept, held = holdout_indices(len(train), fraction=cfg.data.val_fraction, seed=cfg.seed, labels=labels)
+    val = subset(open_split(cfg, cfg.data.train_split, for_eval=True), held)
+    rule = (f"{len(held)} of the {len(train)} items of split {cfg.data.train_split!r}, stratified on "
+            f"{task or 'nothing'}: per class, the items i with the smallest blake2b('{cfg.seed}:i') "
+            f"(hrsel.data.split.holdout_indices, seed {cfg.seed}, fraction {cfg.data.val_fraction})")
+    record = {"val_split": "holdout", "rule": rule, "of_split": cfg.data.train_split, "seed": cfg.seed,
+              "fraction": cfg.data.val_fraction, "split_size": len(train), "stratified_on": task, "indices": held}
+    return Splits(subset(train, kept), val, test, record)
+
+
+def record_validation(splits: Splits, path: Path, *, resuming: bool, write: bool) -> None:
+    """Keep how the validation set was made in `path`; a resumed run must validate on the same items."""
+    if resuming and path.is_file():
+        before = json.loads(path.read_text())
+        if (before.get("val_split"), before.get("indices")) != (splits.record["val_split"],
+                                                                splits.record.get("indices")):
+            raise DataError(f"{path}: this run started with validation set <{before.get('rule')}>, the resumed "
+                            f"one would use <{splits.record['rule']}>; the training data, data.val_split, "
+                            f"data.val_fraction or seed changed. Restore them, or start a new run")
+    if write:
+        path.write_text(json.dumps(splits.record, indent=1) + "\n")
 
 
 def prepare_data(cfg: Config, info: Any) -> None:
@@ -160,7 +232,7 @@ def _dataset_builder(name: str) -> Any:
 
 
 def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
-    """One no-grad forward on one test item: impossible sizes (K > patches, ...) fail here, not mid-epoch."""
+    """One no-grad forward on one evaluation item: impossible sizes (K > patches, ...) fail here, not mid-epoch."""
     import torch
 
     batch = collate([dataset[0]])
@@ -174,10 +246,14 @@ def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
     except (ValueError, IndexError, RuntimeError) as e:
         if isinstance(e, HrselError):
             raise
-        raise ConfigError(f"the pipeline cannot process the first test image with this config: {e}") from None
+        raise ConfigError(f"the pipeline cannot process the first evaluation image with this config: {e}") from None
     finally:
         pipeline.train()
+    from hrsel.models.bags import is_feature_bags
+
     num_patches = None if out.scores is None else out.scores.shape[-1]
+    if is_feature_bags(images):  # bag lengths vary by slide; IPS keeps all of a bag shorter than M
+        num_patches = None
     for key in ("k", "num_selected"):
         value = cfg.model.options.get(key)
         if num_patches is not None and isinstance(value, int) and value > num_patches:
@@ -207,16 +283,19 @@ def run(cfg: Config, resume_dir: Path | None) -> dict[str, Any]:
     prepare_data(cfg, info)
     torch.manual_seed(cfg.seed + info.rank)
     collate = load_collate()
-    train_set, eval_set = build_datasets(cfg)
-    pipeline = build_pipeline(cfg, train_set.tasks).to(device)
-    dry_run(cfg, pipeline, eval_set, collate)
+    splits = build_datasets(cfg)
+    record_validation(splits, run_dir / "validation.json", resuming=resume_dir is not None, write=info.is_main)
+    pipeline = build_pipeline(cfg, splits.train.tasks).to(device)
+    dry_run(cfg, pipeline, splits.test if splits.val is None else splits.val, collate)
     torch.manual_seed(cfg.seed + info.rank)
-    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=train_set.tasks, train_set=train_set, eval_set=eval_set,
-                      device=device, info=info, run_dir=run_dir, collate_fn=collate)
+    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=splits.train.tasks, train_set=splits.train,
+                      val_set=splits.val, test_set=splits.test, device=device, info=info, run_dir=run_dir,
+                      collate_fn=collate)
     if resume_dir is not None:
         trainer.resume(checkpoint.load_checkpoint(resume_dir))
-    log.info("run %s: %d train / %d test items, %s on %s, %d updates", run_dir, len(trainer.train_set),
-             len(trainer.eval_set), cfg.model.name, device, trainer.total_steps)
+    log.info("run %s: %d train / %s / %d test items, %s on %s, %d updates", run_dir, len(trainer.train_set),
+             "no validation" if trainer.val_set is None else f"{len(trainer.val_set)} validation",
+             len(trainer.test_set), cfg.model.name, device, trainer.total_steps)
     try:
         result = trainer.fit()
         distributed.barrier(info)  # no rank tears the group down while another still talks to it
@@ -229,12 +308,17 @@ def run(cfg: Config, resume_dir: Path | None) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     """The summary a person reads at the end of a run (rank 0)."""
+    best = result["best"]
+    if best is not None:
+        print(f"best.pt: epoch {best['epoch']}, step {best['step']}, {best['selected_on']} {best['metric']} "
+              f"{best['value']:.4f}")
+    print(f"test split, evaluated once with {result['test_weights']}:")
     for key, value in result["metrics"].items():
         print(f"test {key}: {value:.4f}")
     kind = "GPU memory allocated" if result["device"].startswith("cuda") else "resident memory of the process"
     print(f"peak memory: {result['peak_memory_mb']:.0f} MB ({kind})")
     print(f"pictures: {result['pictures']}")
-    print(f"run directory (config, checkpoints, metrics.csv, tensorboard): {result['run_dir']}")
+    print(f"run directory (config, checkpoints, metrics.csv, test_metrics.json, tensorboard): {result['run_dir']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,13 @@
 
 The toy script is written to tmp_path and run as a subprocess: it swaps the data
 set / pipeline builders of `hrsel.train` for tiny local ones, so these tests pin
-the loop, the checkpoints, resume after SIGKILL, signals and 2-process DDP.
+the loop, the checkpoints, resume after SIGKILL, signals and 2-process DDP, and the
+model selection: best.pt on a held-out validation part of train, the test split once at the end.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hrsel.models.pipeline import Pipeline, PipelineOutput
+
 REPO = Path(__file__).resolve().parents[1]
 
 TOY = r'''
-import os, signal, sys
+import json, os, signal, sys
 import torch
 from torch import nn
 import hrsel.train as T
@@ -28,6 +32,7 @@ from hrsel.tasks import TaskSpec
 
 TASKS = {"where": TaskSpec("multiclass", 4), "bright": TaskSpec("binary", 1)}
 LOADED = [0]
+LOADS = {}  # data set name -> indices read, in order (printed at exit)
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -35,17 +40,20 @@ class ToyData(torch.utils.data.Dataset):
 
     tasks = TASKS
 
-    def __init__(self, n, seed):
+    def __init__(self, n, seed, name):
         g = torch.Generator().manual_seed(seed)
         self.cells = torch.randint(0, 16, (n,), generator=g)
         self.noise = torch.randint(0, 60, (n, 1, 32, 32), generator=g).to(torch.uint8)
         self.level = torch.randint(120, 255, (n,), generator=g)
+        self.labels = (self.cells // 4).tolist()  # "where": the hold-out is stratified on it
+        self.name = name
 
     def __len__(self):
         return len(self.cells)
 
     def __getitem__(self, i):
         LOADED[0] += 1
+        LOADS.setdefault(self.name, []).append(int(i))
         if LOADED[0] == int(os.environ.get("TOY_KILL_AT", "0")):
             os.kill(os.getpid(), int(os.environ.get("TOY_SIGNAL", signal.SIGKILL)))
         image = self.noise[i].clone()
@@ -84,13 +92,22 @@ class ToyPipeline(Pipeline):
         return PipelineOutput(logits=logits, indices=idx, scores=s.detach(), stats={"patches_scored": 16.0})
 
 
+def open_split(cfg, split, *, for_eval):
+    n, seed = {"train": (cfg.data.options.get("n_train", 80), 1), "test": (cfg.data.options.get("n_test", 32), 2),
+               "valid": (cfg.data.options.get("n_valid", 0), 3)}[split]
+    if not n:
+        raise T.DataError(f"toy split {split!r} not found")
+    return ToyData(int(n), seed, f"{split}_eval" if for_eval else split)
+
+
 T.preflight = lambda cfg: None
 T.load_collate = lambda: collate
-T.build_datasets = lambda cfg: (ToyData(int(cfg.data.options.get("n_train", 64)), 1),
-                                ToyData(int(cfg.data.options.get("n_test", 32)), 2))
+T.open_split = open_split
 T.build_pipeline = lambda cfg, tasks: ToyPipeline(tasks=tasks, **cfg.model.options)
 torch.set_num_threads(1)
-sys.exit(T.main(sys.argv[1:]))
+code = T.main(sys.argv[1:])
+print("TOY_LOADS " + json.dumps(LOADS), file=sys.stderr)
+sys.exit(code)
 '''
 
 CONFIG = """
@@ -101,7 +118,8 @@ data:
   name: toy
   root: {root}
   batch_size: 8
-  n_train: 64
+  val_fraction: 0.2               # 16 of the 80 train items: 64 to train on, 8 batches
+  n_train: 80
   n_test: 32
 model:
   name: toy
@@ -153,28 +171,68 @@ def last_row(run_dir: Path) -> dict:
     return all_rows(run_dir)[-1]
 
 
+def toy_loads(out) -> dict[str, list[int]]:
+    """Which items of which toy data set the run read: {"train": [...], "train_eval": [...], "test_eval": [...]}."""
+    line = next(x for x in out.stderr.splitlines() if x.startswith("TOY_LOADS "))
+    return json.loads(line[len("TOY_LOADS "):])
+
+
 def test_toy_run_learns_and_writes_everything(reference_run):
     out, run = reference_run
     assert out.returncode == 0, out.stderr
-    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "train.log"):
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "train.log", "test_metrics.json",
+                 "validation.json"):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir()), "no TensorBoard event file"
     assert len(list((run / "pictures").glob("epoch003_*.png"))) == 2
+    assert len(list((run / "pictures" / "test").glob("*.png"))) == 2
     row = last_row(run)
     assert float(row["test/where/accuracy"]) > 0.5  # chance is 0.25
     for key in ("ms_per_batch", "images_per_s", "patches_per_s", "peak_memory_mb", "lr", "train_loss"):
         assert float(row[key]) > 0, key
     assert float(row["patches_per_s"]) == pytest.approx(16 * float(row["images_per_s"]))
     assert "test where/accuracy:" in out.stdout and "peak memory:" in out.stdout
+    assert "best.pt: epoch" in out.stdout and "val where/accuracy" in out.stdout
     assert out.stderr.count("epoch 3/3") == 1
+
+
+def test_toy_run_learns_for_most_seeds(toy, reference_run, tmp_path):
+    """The learning claim holds for 4 of 5 seeds (the reference run is seed 0), not one lucky seed."""
+    script, config = toy
+    accuracies = [float(last_row(reference_run[1])["test/where/accuracy"])]
+    for seed in range(1, 5):
+        out = run_toy(script, config, f"--output-dir={tmp_path / str(seed)}", f"--seed={seed}", "eval.pictures=0",
+                      "train.progress_bar=false")
+        assert out.returncode == 0, out.stderr
+        accuracies.append(float(last_row(tmp_path / str(seed) / "toy")["test/where/accuracy"]))
+    assert sum(a > 0.5 for a in accuracies) >= 4, f"test accuracy per seed (chance 0.25): {accuracies}"
+
+
+def test_best_pt_is_selected_on_a_held_out_part_of_train_and_test_is_read_once(reference_run):
+    out, run = reference_run
+    rows = all_rows(run)
+    assert all(float(r["val/where/accuracy"]) >= 0 for r in rows)
+    assert all(r["test/where/accuracy"] == "" for r in rows[:-1])  # test metrics exist only at the end
+    held = json.loads((run / "validation.json").read_text())
+    assert held["val_split"] == "holdout" and held["stratified_on"] == "where" and len(held["indices"]) == 16
+    loads = toy_loads(out)
+    assert set(loads["train"]) == set(range(80)) - set(held["indices"])  # trained on everything not held out
+    assert set(loads["train_eval"]) == set(held["indices"])  # validated on the held-out items only
+    assert sorted(loads["test_eval"]) == list(range(32))  # the test split: read once, every item once
+    best = torch.load(run / "best.pt", weights_only=False)["train_state"]
+    vals = [float(r["val/where/accuracy"]) for r in rows]
+    assert best["best_epoch"] == vals.index(max(vals)) + 1 and best["best"] == pytest.approx(max(vals))
+    record = json.loads((run / "test_metrics.json").read_text())
+    assert record["weights"] == f"best.pt (epoch {best['best_epoch']}, step {best['best_step']})"
+    assert record["metrics"]["where/accuracy"] == pytest.approx(float(rows[-1]["test/where/accuracy"]))
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(toy, reference_run, tmp_path):
     script, config = toy
     assert reference_run[0].returncode == 0
-    # 1 dry-run item + 64 train + 32 test items = 97 after epoch 1; item 116 is in batch 3 of epoch 2,
-    # after the step-9 checkpoint
-    killed = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", env={"TOY_KILL_AT": "116"})
+    # 1 dry-run item + 64 train + 16 validation items = 81 after epoch 1; item 100 is in batch 3 of
+    # epoch 2, after the step-9 checkpoint
+    killed = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", env={"TOY_KILL_AT": "100"})
     assert killed.returncode == -signal.SIGKILL
     state = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["train_state"]
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 9)
@@ -183,8 +241,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(toy, reference_run,
     rows_a, rows_b = all_rows(reference_run[1]), all_rows(tmp_path / "b" / "toy")
     assert [r["epoch"] for r in rows_b] == ["1", "2", "3"]
     for a, b in zip(rows_a, rows_b):
-        for key in ("step", "lr", "test/where/accuracy", "test/bright/auc", "test/loss", "train_loss"):
+        for key in ("step", "lr", "val/where/accuracy", "val/bright/auc", "val/loss", "train_loss"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-7), (a["epoch"], key)
+    test_a, test_b = (json.loads((d / "test_metrics.json").read_text()) for d in (reference_run[1],
+                                                                                 tmp_path / "b" / "toy"))
+    assert test_a["weights"] == test_b["weights"]
+    assert test_a["metrics"] == pytest.approx(test_b["metrics"], rel=1e-6, abs=1e-7)
     wa = torch.load(reference_run[1] / "last.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["model"]
     for name in wa:
@@ -227,7 +289,11 @@ def test_two_process_gloo_ddp_completes_and_logs_once(toy, tmp_path):
     assert out.stdout.count("test where/accuracy:") == 1
     row = last_row(tmp_path / "d" / "toy")
     assert int(row["step"]) == 2 * 4  # 64 items / (8 per batch * 2 ranks) per epoch
-    assert 0 <= float(row["test/where/accuracy"]) <= 1
+    assert 0 <= float(row["test/where/accuracy"]) <= 1 and 0 <= float(row["val/where/accuracy"]) <= 1
+    ranks = [json.loads(x[len("TOY_LOADS "):]) for x in out.stderr.splitlines() if x.startswith("TOY_LOADS ")]
+    assert sorted(ranks[0]["test_eval"] + ranks[1]["test_eval"]) == list(range(32))  # sharded, each item once
+    held = set(json.loads((tmp_path / "d" / "toy" / "validation.json").read_text())["indices"])
+    assert all(held.isdisjoint(r["train"]) for r in ranks)  # both ranks hold out the same items
 
 
 def test_gradient_accumulation_counts_updates(toy, tmp_path):
@@ -235,3 +301,80 @@ def test_gradient_accumulation_counts_updates(toy, tmp_path):
     out = run_toy(script, config, f"--output-dir={tmp_path / 'g'}", "train.epochs=1", "train.grad_accum=3")
     assert out.returncode == 0, out.stderr
     assert int(last_row(tmp_path / "g" / "toy")["step"]) == 3  # 8 batches: 3 + 3 + a final partial update
+
+
+# ----------------------------------------------------------------------------- selection, in process
+
+class _Linear(Pipeline):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, images):
+        return PipelineOutput(logits={"c": self.lin(images)})
+
+
+class _Named(torch.utils.data.Dataset):
+    def __init__(self, name, n):
+        self.name, self.x = name, torch.randn(n, 3, generator=torch.Generator().manual_seed(n))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "targets": {"c": torch.tensor(i % 2)}, "id": f"{self.name}{i}"}
+
+
+def _scripted_trainer(tmp_path, *, with_val: bool):
+    """A Trainer whose evaluate() returns scripted accuracies: validation peaks at epoch 1, test at epoch 3."""
+    from hrsel.config import Config
+    from hrsel.engine.distributed import DistInfo
+    from hrsel.engine.loop import Trainer
+    from hrsel.tasks import TaskSpec
+
+    script = {"val": [0.9, 0.5, 0.6], "test": [0.3, 0.5, 0.95]}
+
+    class Scripted(Trainer):
+        calls: list = []
+
+        def evaluate(self, dataset, *, pictures=None):
+            weights = self.module.lin.weight.detach().clone()
+            final = pictures == "test/"
+            self.calls.append((dataset.name, self.state.epoch + 1, final, weights))
+            value = 0.0 if final else script[dataset.name][self.state.epoch]
+            return {"c/accuracy": value, "loss": 1.0}
+
+    cfg = Config(device="cpu")
+    cfg.data.batch_size, cfg.train.epochs, cfg.train.progress_bar, cfg.eval.pictures = 4, 3, False, 0
+    cfg.optim.lr = 0.1
+    pipeline = _Linear()
+    collate = lambda items: {"images": torch.stack([it["image"] for it in items]),  # noqa: E731
+                             "targets": {"c": torch.stack([it["targets"]["c"] for it in items])},
+                             "ids": [it["id"] for it in items]}
+    trainer = Scripted(cfg=cfg, pipeline=pipeline, tasks={"c": TaskSpec("multiclass", 2)},
+                       train_set=_Named("train", 8), val_set=_Named("val", 4) if with_val else None,
+                       test_set=_Named("test", 4), device=torch.device("cpu"), info=DistInfo(), run_dir=tmp_path,
+                       collate_fn=collate)
+    return trainer, trainer.fit()
+
+
+def test_best_pt_follows_validation_where_validation_and_test_disagree(tmp_path):
+    trainer, result = _scripted_trainer(tmp_path, with_val=True)
+    calls = trainer.calls
+    assert [(name, epoch, final) for name, epoch, final, _ in calls] == [
+        ("val", 1, False), ("val", 2, False), ("val", 3, False), ("test", 4, True)]  # test: once, at the end
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["train_state"]["best_epoch"] == 1 and best["train_state"]["best"] == 0.9  # not epoch 3 (test's)
+    torch.testing.assert_close(calls[-1][3], calls[0][3])  # test scored with epoch 1's weights ...
+    assert not torch.equal(calls[-1][3], calls[2][3])  # ... not the last ones
+    assert result["test_weights"] == "best.pt (epoch 1, step 2)"
+    assert result["best"] == {"selected_on": "val", "metric": "c/accuracy", "value": 0.9, "epoch": 1, "step": 2}
+    rows = all_rows(tmp_path)
+    assert [r["val/c/accuracy"] for r in rows] == ["0.9", "0.5", "0.6"] and rows[-1]["test/c/accuracy"] == "0.0"
+
+
+def test_val_split_none_selects_on_test_as_before(tmp_path):
+    trainer, result = _scripted_trainer(tmp_path, with_val=False)
+    assert [(name, final) for name, _, final, _ in trainer.calls] == [("test", False)] * 3 + [("test", True)]
+    assert result["best"]["epoch"] == 3 and result["best"]["selected_on"] == "test"
+    assert "test/c/accuracy" in all_rows(tmp_path)[0]

@@ -28,8 +28,17 @@ for _name, _module, _attribute in (
 ):
     DATASETS.register(_name)(_lazy(_module, _attribute))
 
+# The validation split a data set ships with (data.val_split=auto uses it; the others hold out
+# part of their training split, see hrsel.data.split).
+VALIDATION_SPLITS = {"billiard": "valid"}  # the DPS release: 8k train / 2k valid / 10k test
+
 
 def build_dataset(name: str, *, split: str, root: str, **options: Any) -> Any:
     """The data set `name` ("megapixel_mnist", "traffic", "billiard", "camelyon16",
     "camelyon16_features", "cub200") for `split` under `root`; options go to its class."""
     return DATASETS.build(name, split=split, root=root, **options)
+
+
+def validation_split(name: str) -> str | None:
+    """The data set's own validation split, or None when it has none (hold out part of train instead)."""
+    return VALIDATION_SPLITS.get(name)

@@ -1,9 +1,15 @@
 """The training loop: any `Pipeline`, any data set of `{"image", "targets", "id"}` items.
 
-    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=tasks, train_set=train, eval_set=test,
+    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=tasks, train_set=train, val_set=val, test_set=test,
                       device=device, info=info, run_dir=run_dir)
     trainer.resume(load_checkpoint(run_dir))   # optional
     result = trainer.fit()
+
+Each evaluation epoch scores the validation set (`val/...` in metrics.csv) and best.pt keeps
+the weights with the best `eval.metric` on it. When training ends, the test set is evaluated
+once, with best.pt's weights: `test/...` in the last metrics.csv row and `test_metrics.json`.
+Without a validation set (`data.val_split: none`) the test set is scored every evaluation
+epoch (`test/...`) and best.pt is selected on it, the optimistic pre-validation behaviour.
 
 Data order is a function of (seed, epoch) and the RNG states are checkpointed, so a
 run killed at any point and resumed from its last checkpoint retraces the
@@ -11,6 +17,7 @@ uninterrupted run exactly on the CPU (with `data.num_workers: 0`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -27,7 +34,7 @@ from hrsel.engine import checkpoint as ckpt
 from hrsel.engine import distributed as dist
 from hrsel.engine import metrics as M
 from hrsel.engine.logbook import RunLog, Throughput, epoch_line, peak_memory_mb, progress, reset_peak_memory
-from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, set_lr
+from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, schedule_steps, set_lr
 from hrsel.engine.visualize import layout_for, save_selection_picture
 from hrsel.errors import HrselError
 from hrsel.models.pipeline import Pipeline, PipelineOutput
@@ -53,22 +60,28 @@ class TrainState:
     step: int = 0  # optimiser updates done
     epoch: int = 0  # the epoch in progress (0-based)
     batch_in_epoch: int = 0  # batches of that epoch already consumed
-    best: float | None = None
+    best: float | None = None  # the best eval.metric on the selection set (validation), kept in best.pt
+    best_metric: str = ""  # its name, e.g. "majority/accuracy"
+    best_epoch: int = 0  # the epoch (1-based, as in metrics.csv) and the step of best.pt
+    best_step: int = 0
     nan_skips: int = 0
 
 
 class Trainer:
-    def __init__(self, *, cfg: Config, pipeline: Pipeline, tasks: dict[str, TaskSpec], train_set, eval_set,
+    def __init__(self, *, cfg: Config, pipeline: Pipeline, tasks: dict[str, TaskSpec], train_set, val_set, test_set,
                  device: torch.device, info: dist.DistInfo, run_dir: Path, collate_fn: Callable | None = None):
         self.cfg, self.tasks, self.device, self.info, self.run_dir = cfg, tasks, device, info, Path(run_dir)
         self.module = pipeline.to(device)  # the plain pipeline: state_dict, set_progress, auxiliary_loss
         self.model = self._wrap(self.module)  # what is called: maybe DDP and/or compiled
         self.train_set = _limit(train_set, cfg.data.limit_train)
-        self.eval_set = _limit(eval_set, cfg.data.limit_eval)
+        self.val_set = _limit(val_set, cfg.data.limit_eval)  # None: select on the test set (data.val_split=none)
+        self.test_set = _limit(test_set, cfg.data.limit_eval)
+        self.selection = "test" if val_set is None else "val"  # the set best.pt is selected on
         self.collate = collate_fn or _default_collate()
         self.optimizer = build_optimizer(self.module, name=cfg.optim.name, lr=cfg.optim.lr,
                                          weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                                         momentum=cfg.optim.momentum)
+                                         momentum=cfg.optim.momentum, weight_decay_mode=cfg.optim.weight_decay_mode,
+                                         weight_decay_on=cfg.optim.weight_decay_on)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() is torch.float16)
         self.sampler = dist.TrainSampler(self.train_set, info, seed=cfg.seed)
         self.state = TrainState()
@@ -97,12 +110,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            metrics: dict[str, float] = {}
             while self.state.epoch < self.cfg.train.epochs and not self._done():
-                metrics = self.run_epoch() or metrics
-            if not metrics:
-                metrics = self.evaluate()
-            return {"metrics": metrics, "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
+                self.run_epoch()
+            weights = self._load_best()
+            metrics = self.final_test(weights)
+            return {"metrics": metrics, "best": self._best_summary(), "test_weights": weights,
+                    "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
                     "step": self.state.step,
                     "run_dir": str(self.run_dir), "pictures": str(self.run_dir / "pictures")}
         finally:
@@ -129,13 +142,13 @@ class Trainer:
         row["nan_skips"] = self.state.nan_skips
         metrics: dict[str, float] = {}
         if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs or self._done():
-            metrics = self.evaluate()
-            row.update({f"test/{k}": v for k, v in metrics.items()})
+            metrics = self.evaluate(self.test_set if self.val_set is None else self.val_set)
+            row.update({f"{self.selection}/{k}": v for k, v in metrics.items()})
         row["epoch_s"] = time.perf_counter() - started
         if self.state.batch_in_epoch >= self.batches_per_epoch:  # else stopped by train.max_steps mid-epoch
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
         self._boundary_rng = ckpt.rng_state()
-        self.save(is_best=self._is_best(metrics))
+        self.save(is_best=self._is_best(metrics, epoch=epoch + 1))
         if self.info.is_main:
             self.runlog.epoch(row)
             log.info(epoch_line(epoch + 1, self.cfg.train.epochs, row))
@@ -177,8 +190,9 @@ class Trainer:
 
     def _update(self) -> None:
         cfg = self.cfg.optim
-        warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
-        milestones = [round(m * self.updates_per_epoch) for m in cfg.milestones]
+        warmup, milestones = schedule_steps(updates_per_epoch=self.updates_per_epoch, total_steps=self.total_steps,
+                                            warmup_epochs=cfg.warmup_epochs, warmup_ratio=cfg.warmup_ratio,
+                                            milestones=cfg.milestones, milestone_ratios=cfg.milestone_ratios)
         set_lr(self.optimizer, cfg.lr * lr_factor(self.state.step, total_steps=self.total_steps, warmup_steps=warmup,
                                                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
                                                   milestones=milestones, gamma=cfg.gamma))
@@ -192,11 +206,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Metrics over the whole eval split (hard top-K: pipelines select hard in eval mode)."""
+    def evaluate(self, dataset, *, pictures: str | None = None) -> dict[str, float]:
+        """Metrics over all of `dataset` (hard top-K: pipelines select hard in eval mode).
+
+        The first eval.pictures items are drawn to pictures/<pictures><id>.png (default
+        `epochNNN_`, the epoch in progress).
+        """
         self.model.eval()
-        loader = DataLoader(self.eval_set, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
-                            sampler=dist.ShardSampler(len(self.eval_set), self.info), collate_fn=self.collate,
+        prefix = f"epoch{self.state.epoch + 1:03d}_" if pictures is None else pictures
+        loader = DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                            sampler=dist.ShardSampler(len(dataset), self.info), collate_fn=self.collate,
                             num_workers=self.cfg.data.num_workers)
         logits: dict[str, list] = {t: [] for t in self.tasks}
         targets: dict[str, list] = {t: [] for t in self.tasks}
@@ -212,7 +231,7 @@ class Trainer:
                     logits[t].append(out.logits[t].float().cpu())
                     targets[t].append(y[t].cpu())
                 if self.info.is_main and drawn < self.cfg.eval.pictures:
-                    drawn += self._draw(batch, out, self.cfg.eval.pictures - drawn)
+                    drawn += self._draw(batch, out, self.cfg.eval.pictures - drawn, prefix)
         self.model.train()
         gathered = dist.gather_objects(({t: torch.cat(v) for t, v in logits.items()},
                                         {t: torch.cat(v) for t, v in targets.items()}), self.info)
@@ -223,7 +242,11 @@ class Trainer:
                                           task_weights=self.cfg.train.task_weights)[0].item()
         return result
 
-    def _draw(self, batch: dict[str, Any], out: PipelineOutput, limit: int) -> int:
+    def _draw(self, batch: dict[str, Any], out: PipelineOutput, limit: int, prefix: str) -> int:
+        from hrsel.models.bags import is_feature_bags
+
+        if is_feature_bags(batch["images"]):  # no pixels to draw on
+            return limit
         folder = self.run_dir / "pictures"
         n = min(limit, len(batch["ids"]))
         preds = {t: M.predictions(out.logits[t].float().cpu(), spec) for t, spec in self.tasks.items()}
@@ -235,7 +258,7 @@ class Trainer:
             num = len(scores) if scores is not None else (int(indices.max()) + 1 if indices is not None else 1)
             title = f"{batch['ids'][i]}\n" + "\n".join(
                 f"{t}: predicted {preds[t][i]}, true {truth[t][i]}" for t in self.tasks)
-            save_selection_picture(folder / f"epoch{self.state.epoch + 1:03d}_{_safe(batch['ids'][i])}.png", image,
+            save_selection_picture(folder / f"{prefix}{_safe(batch['ids'][i])}.png", image,
                                    layout=layout_for(self.module, image, num), scores=scores, indices=indices,
                                    title=title)
         return n
@@ -336,18 +359,58 @@ class Trainer:
         self.save()
         raise Interrupted(self._stop_signal or signal.SIGTERM)
 
-    def _is_best(self, metrics: dict[str, float]) -> bool:
+    def _is_best(self, metrics: dict[str, float], *, epoch: int) -> bool:
         if not metrics:
             return False
-        key = self.cfg.eval.metric or next(k for k in metrics if k != "loss")
-        if key not in metrics:
-            raise HrselError(f"eval.metric {key!r} is not among the metrics {', '.join(metrics)}")
+        key = self._selection_metric(metrics)
         value, lower = metrics[key], key.endswith("loss")
         better = self.state.best is None or (value < self.state.best if lower else value > self.state.best)
         if better and math.isfinite(value):
-            self.state.best = value
+            self.state.best, self.state.best_metric = value, key
+            self.state.best_epoch, self.state.best_step = epoch, self.state.step
             return True
         return False
+
+    def _selection_metric(self, metrics: dict[str, float]) -> str:
+        key = self.cfg.eval.metric or next(k for k in metrics if k != "loss")
+        if key not in metrics:
+            raise HrselError(f"eval.metric {key!r} is not among the metrics {', '.join(metrics)}")
+        return key
+
+    # ------------------------------------------------------------------ the test set, once
+    def _load_best(self) -> str:
+        """Put best.pt's weights into the model; returns which weights the test set is scored with."""
+        dist.barrier(self.info)  # rank 0 has written best.pt
+        if self.state.best is None:
+            log.warning("no finite %s metric was seen, so there is no best.pt of this run: the test set is "
+                        "scored with the last weights", self.selection)
+            return f"the last weights (step {self.state.step})"
+        best = ckpt.load_checkpoint(self.run_dir / ckpt.BEST)
+        if self.state.best_epoch and best["train_state"]["step"] != self.state.best_step:
+            raise HrselError(f"{self.run_dir / ckpt.BEST} holds step {best['train_state']['step']}, the run's best "
+                             f"is step {self.state.best_step}: the file is not this run's; rerun to rewrite it")
+        self.module.load_state_dict(best["model"])
+        return f"best.pt (epoch {self.state.best_epoch}, step {self.state.best_step})"
+
+    def final_test(self, weights: str) -> dict[str, float]:
+        """Score the test set once; rank 0 writes test_metrics.json and the `test/...` of the last CSV row."""
+        metrics = self.evaluate(self.test_set, pictures="test/")
+        log.info("test split (%d items) scored once with %s: %s", len(self.test_set), weights,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if not self.info.is_main:
+            return metrics
+        finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no nan
+        record = {"weights": weights, "best": self._best_summary(), "items": len(self.test_set), "metrics": finite}
+        (self.run_dir / "test_metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+        if self.selection == "val" and self.runlog.rows:  # with val_split=none the rows hold test/... already
+            self.runlog.epoch({**self.runlog.rows[-1], **{f"test/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def _best_summary(self) -> dict[str, Any] | None:
+        if self.state.best is None:
+            return None
+        return {"selected_on": self.selection, "metric": self.state.best_metric, "value": self.state.best,
+                "epoch": self.state.best_epoch, "step": self.state.best_step}
 
     @staticmethod
     def _accumulate(sums: dict[str, float], logs: dict[str, float]) -> None:

@@ -12,13 +12,34 @@ import torch
 from torch import nn
 
 
+WEIGHT_DECAY_MODES = ("lr_scaled", "absolute")
+WEIGHT_DECAY_ON = ("matrices", "all")
+
+
 def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
-                    betas: Iterable[float] = (0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) or SGD with momentum; no decay on biases and norm weights."""
+                    betas: Iterable[float] = (0.9, 0.999), momentum: float = 0.9,
+                    weight_decay_mode: str = "lr_scaled", weight_decay_on: str = "matrices") -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or SGD with momentum.
+
+    weight_decay_mode:
+        lr_scaled: torch's convention, per step theta -= lr(t) * wd * theta (AdamW) or L2 (SGD).
+        absolute: the DPS JAX convention, theta -= wd * s(t) * theta with s(t) = lr(t) / lr, i.e. the
+            schedule factor but not the learning rate itself. With lr 1e-4 this decays 1e4 times more
+            than lr_scaled; it is AdamW with weight_decay = wd / lr, since the loop sets lr(t) = lr * s(t).
+    weight_decay_on: matrices (no decay on biases and norm weights) | all (JAX: every parameter).
+    """
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode {weight_decay_mode!r} is not one of {', '.join(WEIGHT_DECAY_MODES)}")
+    if weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"weight_decay_on {weight_decay_on!r} is not one of {', '.join(WEIGHT_DECAY_ON)}")
+    if weight_decay_mode == "absolute":
+        if name != "adamw":
+            raise ValueError(f"weight_decay_mode 'absolute' needs decoupled decay: use optimizer adamw, not {name!r}")
+        weight_decay = weight_decay / lr
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 or weight_decay_on == "all" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -49,6 +70,15 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: s
         progress = min((step - warmup_steps) / span, 1.0)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"schedule {schedule!r} is not one of cosine, piecewise, constant")
+
+
+def schedule_steps(*, updates_per_epoch: int, total_steps: int, warmup_epochs: float = 0.0,
+                   warmup_ratio: float = 0.0, milestones: Iterable[float] = (),
+                   milestone_ratios: Iterable[float] = ()) -> tuple[int, list[int]]:
+    """Warm-up length and piecewise milestones in updates, from epochs or from fractions of all updates."""
+    warmup = round(warmup_ratio * total_steps) if warmup_ratio else round(warmup_epochs * updates_per_epoch)
+    steps = [round(r * total_steps) for r in milestone_ratios] or [round(m * updates_per_epoch) for m in milestones]
+    return warmup, steps
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
