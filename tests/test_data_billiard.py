@@ -8,30 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hrsel.data import billiard, build_dataset
 from hrsel.data.billiard_gen import BilliardParameters, generate_billiard
 from hrsel.errors import DataError
 
+from fixtures_data import BALLS, write_release
+
 REPO = Path(__file__).resolve().parents[1]
-BALLS = [  # x grows to the right: leftmost is number 3, rightmost number 7
-    {"position": [0.9, 0.1, 0.3], "number": 7, "color": "red"},
-    {"position": [-1.2, 0.5, 0.3], "number": 3, "color": "blue"},
-    {"position": [0.1, -0.4, 0.3], "number": 9, "color": "yellow"},
-    {"position": [0.4, 0.9, 0.3], "number": 1, "color": "green"},
-]
-
-
-def write_release(root: Path, split: str, samples: list[list[dict]], size: int = 64) -> Path:
-    folder = root / split
-    folder.mkdir(parents=True)
-    for i, balls in enumerate(samples):
-        Image.fromarray(np.full((size, size, 4), 20 * i, np.uint8)).save(folder / f"{i}.png")  # RGBA like Kubric
-        (folder / f"{i}.json").write_text(json.dumps(balls, indent=1))
-    return folder
-
-
 def test_label_functions_of_the_release():
     assert billiard.max_left_right(BALLS) == 6  # max(3, 7) - 1
     assert billiard.rightmost_number(BALLS) == 6

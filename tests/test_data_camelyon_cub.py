@@ -4,34 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hrsel.data import build_dataset, camelyon, cub
 from hrsel.data.collate import collate
 from hrsel.errors import DataError
-from hrsel.io.writer import write_pyramid
 
-
-def make_slide(path, *, tissue: bool, size=(384, 512)):
-    image = np.full((*size, 3), 240, np.uint8)  # white glass
-    if tissue:
-        image[64:256, 128:384] = (150, 60, 140)  # a pink-purple block of "tissue"
-    else:
-        image[:64, :64] = (200, 150, 190)
-    write_pyramid(path, image, levels=2, tile=128)
+from fixtures_data import make_camelyon, make_cub
 
 
 @pytest.fixture
 def camelyon_root(tmp_path):
-    (tmp_path / "training" / "tumor").mkdir(parents=True)
-    (tmp_path / "training" / "normal").mkdir(parents=True)
-    (tmp_path / "testing" / "images").mkdir(parents=True)
-    make_slide(tmp_path / "training" / "tumor" / "tumor_001.tif", tissue=True)
-    make_slide(tmp_path / "training" / "normal" / "normal_001.tif", tissue=True)
-    make_slide(tmp_path / "testing" / "images" / "test_001.tif", tissue=True)
-    make_slide(tmp_path / "testing" / "images" / "test_002.tif", tissue=False)
-    (tmp_path / "testing" / "reference.csv").write_text("test_001,Tumor,Macro,Primary\ntest_002,Normal\n")
-    return tmp_path
+    return make_camelyon(tmp_path)
 
 
 def test_camelyon_slides_labels_and_lazy_items(camelyon_root):
@@ -85,28 +68,6 @@ def test_feature_cache_matches_direct_encoding(camelyon_root, tmp_path):
     assert len(batch["coords"]) == 2
     with pytest.raises(DataError, match="no feature cache .*test_001"):
         camelyon.Camelyon16Features(root=camelyon_root, split="test", features_dir=str(tmp_path / "none"))
-
-
-def make_cub(root, n_per_class=2, classes=3, size=(80, 100)):
-    folder = root / "CUB_200_2011"
-    (folder / "images").mkdir(parents=True)
-    images, labels, split = [], [], []
-    image_id = 0
-    for c in range(1, classes + 1):
-        cls = f"{c:03d}.Bird_{c}"
-        (folder / "images" / cls).mkdir()
-        for k in range(n_per_class):
-            image_id += 1
-            rel = f"{cls}/Bird_{c}_{k:04d}.jpg"
-            Image.fromarray(np.full((*size, 3), 40 * c, np.uint8)).save(folder / "images" / rel)
-            images.append(f"{image_id} {rel}")
-            labels.append(f"{image_id} {c}")
-            split.append(f"{image_id} {int(k % 2 == 0)}")
-    (folder / "images.txt").write_text("\n".join(images) + "\n")
-    (folder / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
-    (folder / "train_test_split.txt").write_text("\n".join(split) + "\n")
-    (folder / "classes.txt").write_text("\n".join(f"{c} {c:03d}.Bird_{c}" for c in range(1, classes + 1)) + "\n")
-    return folder
 
 
 def test_cub_official_layout_and_preprocessing(tmp_path):

@@ -1,7 +1,6 @@
 """Megapixel MNIST: IDX reading, digit pools, layout rules, zarr output, data set, CLI."""
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -24,15 +23,10 @@ from hrsel.data.megapixel_mnist_gen import (
 )
 from hrsel.errors import ConfigError, DataError
 
+from fixtures_data import write_idx
+
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = os.environ.get("HRSEL_MNIST_DIR", str(REPO.parent / "shared" / "data" / "mnist"))
-
-
-def write_idx(path: Path, array: np.ndarray, *, gz: bool) -> Path:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
-    return path
 
 
 @pytest.fixture

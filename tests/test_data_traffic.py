@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hrsel.data import build_dataset, traffic
 from hrsel.data.download import md5sum
 from hrsel.errors import DataError
+
+from fixtures_data import write_set
 
 SET1 = {  # file -> (annotation after the colon, expected label or None when dropped)
     "1277381606Image000001.jpg": ("VISIBLE, 862.51, 505.63, 830.52, 468.89, PROHIBITORY, 70_SIGN;MISC_SIGNS;", 2),
@@ -28,19 +29,6 @@ SET2 = {
     "1277382001Image000001.jpg": ("VISIBLE, 400.0, 300.0, 380.0, 280.0, PROHIBITORY, 50_SIGN;", 1),
     "1277382002Image000002.jpg": ("", 0),
 }
-
-
-def write_set(root, name, entries, *, size=(960, 1280)):
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"{file}:{text}" for file, (text, _) in entries.items()]
-    (folder / "annotations.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    rng = np.random.default_rng(len(entries))
-    for i, file in enumerate(entries):
-        pixels = np.full((*size, 3), 20 * i, np.uint8)
-        pixels[:8, :8] = rng.integers(0, 255, (8, 8, 3))
-        Image.fromarray(pixels).save(folder / file, quality=95)
-    return folder
 
 
 @pytest.fixture
