@@ -4,20 +4,34 @@ Importing the package is cheap: torch, numba and the readers load only when a
 submodule that needs them is imported.
 """
 from hrsel.errors import (
+    ChannelMismatchError,
+    CheckpointError,
     ConfigError,
     DataError,
     HrselError,
     ImageReadError,
+    ImageTooLargeError,
+    PixelTypeError,
+    RunFolderError,
+    RunWriteError,
+    SelectionError,
     UnsupportedFormatError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelMismatchError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "HrselError",
     "ImageReadError",
+    "ImageTooLargeError",
+    "PixelTypeError",
+    "RunFolderError",
+    "RunWriteError",
+    "SelectionError",
     "UnsupportedFormatError",
     "__version__",
 ]

@@ -23,3 +23,31 @@ class DataError(HrselError, ValueError):
 
 class ConfigError(HrselError, ValueError):
     """A configuration key or value is invalid (names the key and the closest valid one)."""
+
+
+class SelectionError(HrselError, ValueError):
+    """An input to a selection operator is invalid (names the argument, the batch row and the shape)."""
+
+
+class RunWriteError(HrselError, OSError):
+    """A file of a run folder (last.pt, best.pt, metrics.csv) cannot be written; the previous one is intact."""
+
+
+class RunFolderError(HrselError):
+    """A run folder is busy (locked by a running run), already holds a finished run, or is not a run folder."""
+
+
+class CheckpointError(HrselError):
+    """A checkpoint file is missing, truncated, empty, foreign or does not fit the pipeline (names the file)."""
+
+
+class PixelTypeError(UnsupportedFormatError):
+    """An image's pixel type or value range is not one hrsel reads (names the file, dtype, range and the fix)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """Decoding, thumbnailing or tiling an image would exceed a set bound (names the size, the bound, the fix)."""
+
+
+class ChannelMismatchError(HrselError, ValueError):
+    """An image's channel count differs from the model's in_chans (names the image, both counts and the fix)."""

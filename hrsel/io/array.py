@@ -7,6 +7,7 @@ import numpy as np
 
 from hrsel.errors import ImageReadError
 from hrsel.io.base import ImageSource, Pyramid
+from hrsel.io.pixels import to_uint8
 
 CHANNEL_COUNTS = (1, 3, 4)
 
@@ -34,20 +35,6 @@ def infer_layout(shape: tuple[int, ...], layout: str | None = None, *, name: str
     )
 
 
-def to_uint8(values: np.ndarray, *, name: str = "array") -> np.ndarray:
-    """uint8 as is, bool -> {0, 255}, float in [0, 1] -> round(255 x)."""
-    if values.dtype == np.uint8:
-        return values
-    if values.dtype == np.bool_:
-        return values.astype(np.uint8) * 255
-    if np.issubdtype(values.dtype, np.floating):
-        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ImageReadError(
-        f"{name} has dtype {values.dtype}; hrsel reads uint8, bool or float in [0, 1] images. "
-        "Convert it first, e.g. (a / a.max() * 255).astype(np.uint8)"
-    )
-
-
 def as_numpy(array: Any) -> np.ndarray:
     """numpy view of a numpy array or a (CPU) torch tensor, without importing torch."""
     if isinstance(array, np.ndarray):
@@ -58,7 +45,12 @@ def as_numpy(array: Any) -> np.ndarray:
 
 
 class ArraySource(ImageSource):
-    """A single-level image held in memory: (H, W), (H, W, C) or (C, H, W)."""
+    """A single-level image held in memory: (H, W), (H, W, C) or (C, H, W).
+
+    Pixels follow `hrsel.io.pixels`: uint8 kept, bool -> {0, 255}, float in [0, 1] -> uint8,
+    anything else (uint16, float 0..255, NaN) a `PixelTypeError`. A 4th channel is kept as is
+    (an array does not say whether it is alpha or a fourth band).
+    """
 
     backend = "array"
 
@@ -70,7 +62,7 @@ class ArraySource(ImageSource):
             values = values[:, :, None]
         elif layout == "chw":
             values = values.transpose(1, 2, 0)
-        self.array = np.ascontiguousarray(to_uint8(values))  # (H, W, C)
+        self.array = np.ascontiguousarray(to_uint8(values, name=f"in-memory array of shape {tuple(values.shape)}"))
         self._mpp = mpp
 
     def _open(self) -> np.ndarray:

@@ -5,20 +5,47 @@ read; sizes are (width, height) tuples; pixels come back as (h, w, c) uint8.
 A backend implements `_open` (the handle, opened lazily so sources pickle by
 path), `_describe` (the pyramid) and `_read` (an in-bounds window of a level);
 the base class does argument checks, edge padding, thumbnails and pickling.
+`hrsel.io.pixels` says how other dtypes and alpha become uint8, the same for every backend.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from hrsel.errors import ImageReadError
+from hrsel.errors import ImageReadError, UnsupportedFormatError
 
 logger = logging.getLogger(__name__)
+
+
+def check_file(path: str, *, directory_ok: bool = False) -> None:
+    """Raise a named `ImageReadError` unless `path` exists, is readable and (unless `directory_ok`)
+    is a non-empty file. Called before any backend touches the path, so its decoder never reports
+    a permission problem, a folder or an empty file as a "corrupt" image."""
+    if not os.path.exists(path):
+        raise ImageReadError(f"no such file or directory: {path!r}; check the path")
+    is_dir = os.path.isdir(path)
+    if is_dir and not directory_ok:
+        raise UnsupportedFormatError(
+            f"{path!r} is a directory, not an image file; pass one image file inside it, or a .zarr "
+            "folder to backend='zarr'"
+        )
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise ImageReadError(permission_message(path))
+    if not is_dir and os.path.getsize(path) == 0:
+        raise ImageReadError(f"{path!r} is an empty file (0 bytes); re-copy or re-export the image")
+
+
+def permission_message(path: str) -> str:
+    return (
+        f"permission denied: cannot read {path!r}; give this user read access (e.g. chmod u+r or "
+        "check the owner and group) or copy the image somewhere readable"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,10 +109,29 @@ class ImageSource:
         if self._handle is None:
             with self._lock:
                 if self._handle is None:
-                    handle = self._open()
-                    self._pyramid = self._describe(handle)
+                    handle = self._open_checked()
+                    try:
+                        self._pyramid = self._check_pyramid(self._describe(handle))
+                    except Exception:
+                        self._close(handle)
+                        raise
                     self._handle = handle
         return self._handle
+
+    def _open_checked(self) -> Any:
+        try:
+            return self._open()
+        except PermissionError as error:  # a decoder's own open() hit the permission problem
+            raise ImageReadError(permission_message(str(self.path))) from error
+
+    def _check_pyramid(self, pyramid: Pyramid) -> Pyramid:
+        width, height = pyramid.level_dimensions[0]
+        if width <= 0 or height <= 0 or pyramid.channels <= 0:
+            raise ImageReadError(
+                f"{self._name()} has no pixels: level 0 is {width}x{height} (width x height) with "
+                f"{pyramid.channels} channel(s); re-export the image, it is empty"
+            )
+        return pyramid
 
     @property
     def pyramid(self) -> Pyramid:
@@ -242,13 +288,20 @@ class ImageSource:
         width, height = self.level_dimensions[level]
         return self._checked_read(level, 0, 0, width, height)
 
-    def thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole image, block-averaged so its longer side is at most `max_size`."""
-        from hrsel.io.resize import thumbnail_from
+    def thumbnail(self, max_size: int, *, max_read_pixels: int | None = None) -> np.ndarray:
+        """The whole image, block-averaged so its longer side is at most `max_size`.
+
+        Reads the smallest level that is still at least `max_size`; if that level has more than
+        `max_read_pixels` pixels (default `hrsel.io.resize.THUMBNAIL_READ_PIXELS`) it raises
+        `ImageTooLargeError` instead of decoding it: a giant image without a pyramid would take
+        minutes. Pass a larger bound to accept the cost.
+        """
+        from hrsel.io.resize import THUMBNAIL_READ_PIXELS, thumbnail_from
 
         if int(max_size) <= 0:
             raise ValueError(f"thumbnail max_size={max_size} must be positive")
-        return thumbnail_from(self, int(max_size))
+        limit = THUMBNAIL_READ_PIXELS if max_read_pixels is None else int(max_read_pixels)
+        return thumbnail_from(self, int(max_size), max_read_pixels=limit)
 
     # ---- lifetime & pickling ------------------------------------------------------------
     def close(self) -> None:

@@ -5,9 +5,9 @@ import logging
 import os
 from typing import Any, Callable
 
-from hrsel.errors import ImageReadError, UnsupportedFormatError
+from hrsel.errors import ImageReadError, PixelTypeError, UnsupportedFormatError
 from hrsel.io.array import ArraySource
-from hrsel.io.base import ImageSource
+from hrsel.io.base import ImageSource, check_file, permission_message
 from hrsel.io.pillow import PillowSource
 from hrsel.io.slide import OpenSlideSource, detect_format
 from hrsel.io.tiff import TIFF_MAGICS, TiffSource
@@ -41,8 +41,11 @@ def sniff_backend(path: str) -> str:
             f"{path!r} is a directory but not a zarr store (no {', '.join(ZARR_MARKERS)}); "
             "pass the .zarr folder itself or an image file"
         )
-    with open(path, "rb") as file:
-        head = file.read(132)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(132)
+    except PermissionError as error:
+        raise ImageReadError(permission_message(path)) from error
     suffix = os.path.splitext(path)[1].lower()
     if head[:4] in TIFF_MAGICS:
         vendor = detect_format(path) if suffix in SLIDE_SUFFIXES else None
@@ -72,7 +75,10 @@ def open_image(path_or_array: Any, backend: str | None = None, *, fill: int = 25
     """An `ImageSource` for a path, a numpy/torch array or a zarr array/group.
 
     The file is opened (and its header validated) before returning, so a bad
-    path fails here with an `hrsel.ImageReadError` subclass naming it.
+    path fails here with an `hrsel.ImageReadError` subclass naming it: missing,
+    unreadable (permission), a directory that is not a zarr store, an empty
+    file, an unknown format, truncated or corrupt, no pixels, or a pixel type
+    hrsel does not read (`PixelTypeError`; see `hrsel.io.pixels`).
     """
     if isinstance(path_or_array, ImageSource):
         return path_or_array
@@ -86,8 +92,7 @@ def open_image(path_or_array: Any, backend: str | None = None, *, fill: int = 25
         source.handle  # noqa: B018 - validate now
         return source
     path = os.fspath(path_or_array)
-    if not os.path.exists(path):
-        raise ImageReadError(f"no such file or directory: {path!r}; check the path")
+    check_file(path, directory_ok=backend in (None, "zarr"))  # a folder is a zarr store or nothing
     chosen = backend or sniff_backend(path)
     source = BACKENDS[chosen](path, fill=fill)
     try:
@@ -100,8 +105,8 @@ def open_image(path_or_array: Any, backend: str | None = None, *, fill: int = 25
             source = ZarrSource(path, fill=fill)
             source.handle  # noqa: B018
     except ImageReadError as error:
-        if backend is not None or chosen != "tiff" or not detect_format(path):
-            raise
+        if backend is not None or chosen != "tiff" or isinstance(error, PixelTypeError) or not detect_format(path):
+            raise  # OpenSlide would read 16-bit or float samples as 8-bit, silently wrong
         logger.info("tifffile could not open %r (%s); trying OpenSlide", path, error)
         source = OpenSlideSource(path, fill=fill)
         try:

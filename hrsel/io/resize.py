@@ -6,10 +6,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hrsel.errors import ImageTooLargeError
+
 if TYPE_CHECKING:
     from hrsel.io.base import ImageSource
 
 STRIP_BYTES = 64 << 20  # pixels read per strip while building a thumbnail
+THUMBNAIL_READ_PIXELS = 1 << 28  # 268 M pixels (16384^2): a level this large decodes in seconds, not minutes
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
@@ -29,8 +32,13 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return np.rint(sums / counts).astype(np.uint8)
 
 
-def thumbnail_from(source: "ImageSource", max_size: int) -> np.ndarray:
-    """Read the smallest level that is still >= the target size and block-average it in strips."""
+def thumbnail_from(
+    source: "ImageSource", max_size: int, *, max_read_pixels: int = THUMBNAIL_READ_PIXELS
+) -> np.ndarray:
+    """Read the smallest level that is still >= the target size and block-average it in strips.
+
+    Raises `ImageTooLargeError` when that level has more than `max_read_pixels` pixels.
+    """
     w0, h0 = source.dimensions
     target = max_size / max(w0, h0)  # scale of the thumbnail relative to level 0
     level = 0
@@ -38,6 +46,7 @@ def thumbnail_from(source: "ImageSource", max_size: int) -> np.ndarray:
         if max(w, h) >= min(max_size, max(w0, h0)):
             level = candidate
     width, height = source.level_dimensions[level]
+    check_read_size(source, level, max_size=max_size, max_read_pixels=max_read_pixels)
     factor = max(1, math.ceil(max(width, height) / max_size))
     if target >= 1.0:
         factor = 1
@@ -51,3 +60,17 @@ def thumbnail_from(source: "ImageSource", max_size: int) -> np.ndarray:
         strip = source.read_region(0, y0, width, rows, level=level)
         strips.append(block_mean(strip, factor))
     return np.concatenate(strips, axis=0)
+
+
+def check_read_size(source: "ImageSource", level: int, *, max_size: int, max_read_pixels: int) -> None:
+    """Refuse a thumbnail whose source level has more than `max_read_pixels` pixels."""
+    width, height = source.level_dimensions[level]
+    if width * height <= max_read_pixels:
+        return
+    raise ImageTooLargeError(
+        f"a {max_size} px thumbnail of {source._name()} would decode level {level} of {width}x{height} "
+        f"= {width * height:,} pixels, more than max_read_pixels={max_read_pixels:,}: the image has "
+        f"{source.level_count} level(s) and none is near {max_size} px. Fix: convert it to a pyramidal "
+        "tiled TIFF (hrsel.io.writer.write_pyramid, or `vips tiffsave in out.tif --tile --pyramid`), pass "
+        "a mask instead of computing one, or raise max_read_pixels to accept the cost"
+    )

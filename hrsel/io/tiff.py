@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from hrsel.errors import ImageReadError, UnsupportedFormatError
-from hrsel.io.base import ImageSource, Pyramid
+from hrsel.io.base import ImageSource, Pyramid, check_file
+from hrsel.io.pixels import composite_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,22 @@ def open_tiff_zarr(path: str) -> TiffZarr:
         raise
 
 
+def tiff_alpha(page: Any) -> str | None:
+    """'associated' or 'unassociated' when the page's single extra sample is alpha (ExtraSamples
+    1 or 2) of a gray (2 samples) or RGB (4 samples) image, else None: unspecified extra samples
+    (ExtraSamples 0) are not guessed to be alpha and stay channels."""
+    extras = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ()))
+    if len(extras) != 1 or page.samplesperpixel not in (2, 4) or extras[0] not in (1, 2):
+        return None
+    return "associated" if extras[0] == 1 else "unassociated"
+
+
 class TiffPages(NamedTuple):
     tif: Any
     fd: int  # a raw descriptor for os.pread: thread-safe reads without tifffile's lock
     pages: list  # the key page of every level, largest first
     repeats: dict  # compressed bytes -> decoded segment, for byte-identical near-empty tiles
+    alpha: str | None  # 'associated' / 'unassociated' alpha composited on `fill`, or None
 
 
 REPEAT_RATIO = 64  # segments compressed this much (or more) are near-uniform: background, padding
@@ -131,7 +143,14 @@ class TiffSource(ImageSource):
     Reads need no shared lock (os.pread + tifffile's GIL-free decoders), so
     several threads decode in parallel. Layouts it does not handle (planar
     separate samples, volumes, non-uint8) raise `UnsupportedFormatError`;
-    `open_image` then falls back to `ZarrSource`, which reads any TIFF.
+    `open_image` then falls back to `ZarrSource`, which reads any TIFF and
+    refuses integer pixels other than uint8 and floats outside [0, 1] with a
+    `PixelTypeError` (the rules of `hrsel.io.pixels`).
+
+    An alpha extra sample (ExtraSamples 1 associated or 2 unassociated, see
+    `tiff_alpha`) is composited on grey `fill` exactly as `PillowSource` does
+    for PNGs: an RGBA TIFF and the same RGBA PNG read the same 3 channels.
+    Missing tiles of a sparse TIFF read as `fill` without decoding anything.
     """
 
     backend = "tiff"
@@ -142,43 +161,70 @@ class TiffSource(ImageSource):
     def _open(self) -> TiffPages:
         import tifffile
 
-        if not os.path.exists(self.path):
-            raise ImageReadError(f"no such file: {self.path!r}; check the path")
+        check_file(self.path)
         try:
             tif = tifffile.TiffFile(self.path)
+        except PermissionError:
+            raise  # named by ImageSource
         except Exception as error:
             raise ImageReadError(
                 f"tifffile cannot open {self.path!r}: {error}. The file may be truncated or corrupt"
             ) from error
         try:
-            series = tif.series[0]
-            check_complete(tif, self.path, series)
-            pages = [level.keyframe for level in getattr(series, "levels", [series])]
-            for page in pages:
-                if page.dtype != np.uint8 or page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
-                    raise UnsupportedFormatError(
-                        f"{self.path!r}: TiffSource reads 2-D uint8 contiguous TIFFs, this one has "
-                        f"dtype {page.dtype}, depth {page.imagedepth}, planarconfig {page.planarconfig}; "
-                        "use ZarrSource"
-                    )
-            return TiffPages(tif, os.open(self.path, os.O_RDONLY), pages, {})
+            pages = self._key_pages(tif)
+            return TiffPages(tif, os.open(self.path, os.O_RDONLY), pages, {}, tiff_alpha(pages[0]))
         except EOFError as error:
             tif.close()
             raise ImageReadError(str(error)) from error
-        except Exception:
+        except ImageReadError:
             tif.close()
             raise
+        except Exception as error:  # tifffile's parser on a broken IFD
+            tif.close()
+            raise ImageReadError(
+                f"tifffile cannot read the image of {self.path!r}: {type(error).__name__}: {error}. The file "
+                "may be truncated or corrupt; re-copy or re-export it"
+            ) from error
+
+    def _key_pages(self, tif: Any) -> list:
+        """The key page of every level; `UnsupportedFormatError` for layouts `ZarrSource` must read."""
+        if not tif.series:
+            raise ImageReadError(
+                f"{self.path!r} holds no readable image (tifffile finds no image series in its IFDs); the "
+                "file is truncated or corrupt; re-copy or re-export it"
+            )
+        series = tif.series[0]
+        check_complete(tif, self.path, series)
+        pages = [level.keyframe for level in getattr(series, "levels", [series])]
+        for page in pages:
+            if page.dtype != np.uint8 or page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+                raise UnsupportedFormatError(
+                    f"{self.path!r}: TiffSource reads 2-D uint8 contiguous TIFFs, this one has "
+                    f"dtype {page.dtype}, depth {page.imagedepth}, planarconfig {page.planarconfig}; "
+                    "use ZarrSource"
+                )
+        return pages
 
     def _describe(self, handle: TiffPages) -> Pyramid:
         dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in handle.pages)
-        return Pyramid(dims, channels=int(handle.pages[0].samplesperpixel), mpp=tiff_mpp(handle.pages[0]))
+        channels = int(handle.pages[0].samplesperpixel) - (handle.alpha is not None)
+        return Pyramid(dims, channels=channels, mpp=tiff_mpp(handle.pages[0]))
 
     def _read(self, handle: TiffPages, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         out = np.empty((height, width, handle.pages[level].samplesperpixel), dtype=np.uint8)
-        self._read_into(handle, level, x, y, out)
-        return out
+        self._read_segments(handle, level, x, y, out)
+        if handle.alpha is None:
+            return out
+        return composite_alpha(out, fill=self.fill, associated=handle.alpha == "associated")
 
     def _read_into(self, handle: TiffPages, level: int, x: int, y: int, out: np.ndarray) -> None:
+        if handle.alpha is not None:  # decode all samples, then composite into `out`
+            out[...] = self._read(handle, level, x, y, out.shape[1], out.shape[0])
+        else:
+            self._read_segments(handle, level, x, y, out)
+
+    def _read_segments(self, handle: TiffPages, level: int, x: int, y: int, out: np.ndarray) -> None:
+        """Every sample of the window at (x, y) into `out` (h, w, samples per pixel)."""
         page = handle.pages[level]
         height, width = out.shape[:2]
         seg_w, seg_h = self._segment_shape(page)

@@ -1,7 +1,7 @@
 """Write pyramidal tiled TIFFs that OpenSlide ('generic-tiff') and tifffile both open.
 
-Layout (REFERENCE.md section 5): every level a separate top-level tiled page,
-pages after the first marked `subfiletype=1` (reduced resolution), tiles of
+Layout (what OpenSlide opens as a multi-level 'generic-tiff'): every level a separate
+top-level tiled page, pages after the first marked `subfiletype=1` (reduced resolution), tiles of
 `tile` pixels, a codec OpenSlide accepts (deflate, jpeg, lzw, zstd, none).
 `write_pyramid` takes an in-memory array; `write_sparse_pyramid` builds huge,
 mostly-background images tile by tile without ever holding a level in memory.

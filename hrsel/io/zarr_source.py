@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from hrsel.errors import ImageReadError, UnsupportedFormatError
-from hrsel.io.array import infer_layout, to_uint8
-from hrsel.io.base import ImageSource, Pyramid
-from hrsel.io.tiff import TIFF_MAGICS
+from hrsel.io.array import infer_layout
+from hrsel.io.base import ImageSource, Pyramid, check_file
+from hrsel.io.pixels import check_dtype, composite_alpha, to_uint8
+from hrsel.io.tiff import TIFF_MAGICS, tiff_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class Levels:
     axes: str  # lower-case axis letters shared by every level, e.g. 'yxc', 'cyx', 'tczyx'
     mpp: float | None
     closer: Any = None  # the tifffile handle, when there is one
+    alpha: str | None = None  # a TIFF's alpha sample ('associated' / 'unassociated'), composited on `fill`
 
 
 def is_array(node: Any) -> bool:
@@ -78,7 +80,14 @@ def _ome_mpp(scale: dict[str, Any], names: list[str]) -> float | None:
 
 
 class ZarrSource(ImageSource):
-    """zarr-backed image: a path (.zarr store or TIFF), a zarr array or group."""
+    """zarr-backed image: a path (.zarr store or TIFF), a zarr array or group.
+
+    Pixels follow `hrsel.io.pixels`: integer dtypes other than uint8 are refused when the
+    source opens (`PixelTypeError` naming the file and dtype); float pixels must lie in [0, 1],
+    checked on every region read (the message names the file, dtype and the range seen), never
+    clipped. A TIFF's alpha sample is composited on `fill` as `TiffSource` does; a 4th channel
+    of a zarr store is kept (zarr does not say whether it is alpha).
+    """
 
     backend = "zarr"
 
@@ -106,8 +115,7 @@ class ZarrSource(ImageSource):
     def _open(self) -> Levels:
         if self._node is not None:
             return levels_of(self._node, layout=self._layout, name="<in-memory zarr>")
-        if not os.path.exists(self.path):
-            raise ImageReadError(f"no such file or directory: {self.path!r}; check the path")
+        check_file(self.path, directory_ok=True)
         try:
             if self._is_tiff():
                 from hrsel.io.tiff import open_tiff_zarr
@@ -118,12 +126,14 @@ class ZarrSource(ImageSource):
                 if len(axes) == len(levels.arrays[0].shape) and {"y", "x"} <= set(axes):
                     levels.axes = axes
                 levels.mpp, levels.closer = tiff.mpp, tiff.tif
+                if "c" in levels.axes:
+                    levels.alpha = tiff_alpha(tiff.tif.series[0].keyframe)
                 return levels
             import zarr
 
             return levels_of(zarr.open(self.path, mode="r"), layout=self._layout, name=repr(self.path))
-        except ImageReadError:
-            raise
+        except (ImageReadError, PermissionError):
+            raise  # already named (a PermissionError by ImageSource)
         except EOFError as error:
             raise ImageReadError(str(error)) from error
         except Exception as error:
@@ -135,9 +145,10 @@ class ZarrSource(ImageSource):
     def _describe(self, levels: Levels) -> Pyramid:
         dims, channels = [], 1
         for array in levels.arrays:
+            check_dtype(array.dtype, name=self._name())
             shape = dict(zip(levels.axes, array.shape))
             dims.append((int(shape["x"]), int(shape["y"])))
-            channels = int(shape.get("c", 1))
+            channels = int(shape.get("c", 1)) - (levels.alpha is not None)
         return Pyramid(tuple(dims), channels=channels, mpp=self._mpp or levels.mpp)
 
     def _read(self, levels: Levels, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -157,7 +168,10 @@ class ZarrSource(ImageSource):
         block = block.transpose(order)  # (h, w[, c])
         if block.ndim == 2:
             block = block[:, :, None]
-        return np.ascontiguousarray(to_uint8(block, name=self._name()))
+        block = to_uint8(block, name=self._name())
+        if levels.alpha is not None:
+            return composite_alpha(block, fill=self.fill, associated=levels.alpha == "associated")
+        return np.ascontiguousarray(block)
 
     def _close(self, levels: Levels) -> None:
         if levels.closer is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hrsel.errors import ConfigError
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
-from hrsel.models.patches import ImageBatch, with_coordinate_channels
+from hrsel.models.patches import ImageBatch, check_channels, with_coordinate_channels
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
 from hrsel.select.ats import (attention_entropy, expectation_without_replacement, sample_without_replacement,
@@ -52,6 +52,7 @@ class ATSPipeline(Pipeline):
                  head_hidden: int | str | None = None, attention_smoothing: float = 1e-4, entropy_strength: float = 0.0,
                  sample_at_inference: bool = True, normalize_features: bool = False, coord_channels: bool = False):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         if not 0.0 <= attention_smoothing < 1.0:
             raise ConfigError(f"ats: attention_smoothing={attention_smoothing!r} must be in [0, 1) (ATS: 1e-4)")
         self.coord_channels = coord_channels
@@ -65,8 +66,10 @@ class ATSPipeline(Pipeline):
 
     def forward(self, images) -> PipelineOutput:
         if self.coord_channels:
+            check_channels(images, in_chans=self.in_chans)  # named before the 2 position channels join
             images = with_coordinate_channels(images)
-        batch = ImageBatch(images, device=next(self.parameters()).device)
+        batch = ImageBatch(images, device=next(self.parameters()).device,
+                           in_chans=self.in_chans + 2 * self.coord_channels)
         grid = self.scorer(batch.downscaled(self.downscale))  # (B, rows, cols)
         geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)
         attention = smoothed_attention(grid.flatten(1), self.attention_smoothing)  # (B, N)

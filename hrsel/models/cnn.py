@@ -5,7 +5,7 @@ from typing import Any
 
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
-from hrsel.models.patches import ImageBatch, with_coordinate_channels
+from hrsel.models.patches import ImageBatch, check_channels, with_coordinate_channels
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.tasks import TaskSpec
 
@@ -26,13 +26,16 @@ class CNNPipeline(Pipeline):
                  backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
                  head_hidden: int | None = None, coord_channels: bool = False):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         self.downscale, self.coord_channels = downscale, coord_channels
         self.backbone = build_backbone(backbone, in_chans=in_chans + 2 * coord_channels, **(backbone_options or {}))
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
 
     def forward(self, images) -> PipelineOutput:
         if self.coord_channels:
+            check_channels(images, in_chans=self.in_chans)  # named before the 2 position channels join
             images = with_coordinate_channels(images)
-        batch = ImageBatch(images, device=next(self.parameters()).device)
+        batch = ImageBatch(images, device=next(self.parameters()).device,
+                           in_chans=self.in_chans + 2 * self.coord_channels)
         features = self.backbone(batch.full(downscale=self.downscale))  # (B, D)
         return PipelineOutput(logits=self.heads(features[:, None]))

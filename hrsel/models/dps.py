@@ -109,6 +109,7 @@ class DPSPipeline(Pipeline):
                  feature_dropout: float = 0.0, global_branch: bool = False, global_merge: str = "add",
                  global_downscale: int = 1, global_aux_loss: bool = False):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         self.patch_size, self.downscale, self.entropy_coef = patch_size, downscale, entropy_coef
         self.extract_chunk, self.global_downscale = extract_chunk, global_downscale
         if global_aux_loss and not global_branch:
@@ -142,7 +143,7 @@ class DPSPipeline(Pipeline):
         return grid.flatten(1), geometry
 
     def forward(self, images) -> PipelineOutput:
-        batch = ImageBatch(images, device=next(self.parameters()).device)
+        batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         scores, geometry = self.score(batch)
         indicators, indices = self.select(scores)
         if indicators is None:

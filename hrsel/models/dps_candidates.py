@@ -54,6 +54,7 @@ class DPSCandidatesPipeline(Pipeline):
                  aggregator_options: dict[str, Any] | None = None, head_hidden: int | None = None,
                  pos_encoding: str = "none", num_positions: int = 0):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         self.patch_size, self.stride, self.k = patch_size, stride, k
         self.num_candidates = num_candidates if num_candidates is not None else 4 * k
         if self.num_candidates < k:
@@ -79,7 +80,7 @@ class DPSCandidatesPipeline(Pipeline):
         return self.scorer(small, grid_shape=(1, 1)).view(b, n)
 
     def forward(self, images) -> PipelineOutput:
-        batch = ImageBatch(images, device=next(self.parameters()).device)
+        batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
         c = min(self.num_candidates, geometry.num_patches)
         with torch.no_grad():

@@ -54,6 +54,7 @@ class IPSPipeline(Pipeline):
                  num_positions: int = 0, head_hidden: int | None = None, shuffle: bool = True,
                  mode: str = "lazy"):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         if mode not in MODES:
             raise ConfigError(f"IPS mode {mode!r} is unknown; valid: {', '.join(MODES)}")
         self.patch_size, self.stride = patch_size, stride
@@ -122,7 +123,7 @@ class IPSPipeline(Pipeline):
             return self._forward_bags(FeatureBags(images, device=device))
         if self.mode == "eager" and isinstance(images, torch.Tensor):
             images = images.to(device)
-        batch = ImageBatch(images, device=device)
+        batch = ImageBatch(images, device=device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
         if self.mode == "eager_sequential":  # one image at a time through the selection pass
             parts = [ImageBatch(images[i:i + 1], device=device) for i in range(len(images))]

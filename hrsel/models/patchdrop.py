@@ -79,6 +79,7 @@ class PatchDropPipeline(Pipeline):
                  freeze_norm: bool = False, policy_weight: float = 1.0, classifier_checkpoint: str = "",
                  policy_checkpoint: str = ""):
         super().__init__()
+        self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         _check_options(stage=stage, baseline=baseline, penalty=penalty, alpha=alpha, max_kept=max_kept)
         self.tasks = dict(tasks)
         self.patch_size, self.downscale, self.penalty, self.max_kept = patch_size, downscale, penalty, max_kept
@@ -113,7 +114,7 @@ class PatchDropPipeline(Pipeline):
         self._step = step
 
     def forward(self, images) -> PipelineOutput:
-        batch = ImageBatch(images, device=next(self.parameters()).device)
+        batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size)
         n = geometry.num_patches
         logits_p = self.policy(batch.downscaled(self.downscale), grid_shape=geometry.shape).flatten(1)  # (B, N)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hrsel.errors import ChannelMismatchError, SelectionError
 from hrsel.select.extract import GridGeometry, grid_chunk
 
 
@@ -23,6 +24,25 @@ def _is_source(x: Any) -> bool:
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def check_channels(images: torch.Tensor | Sequence[Any], *, in_chans: int) -> None:
+    """`ChannelMismatchError` naming the first image (a (B, C, H, W) tensor or sources) whose
+    channel count is not the model's `in_chans`; reads no pixels."""
+    if isinstance(images, torch.Tensor):
+        named = [(f"images tensor of shape {tuple(images.shape)}", int(images.shape[1]))]
+    else:
+        named = [(repr(source), source.channels) for source in images]
+    wrong = [(name, channels) for name, channels in named if channels != in_chans]
+    if not wrong:
+        return
+    name, channels = wrong[0]
+    among = f" ({len(wrong)} of the {len(named)} images of the batch differ)" if len(named) > 1 else ""
+    raise ChannelMismatchError(
+        f"{name} has {channels} channel(s) but the model was built with in_chans={in_chans}{among}. Fix: "
+        f"convert the image to {in_chans} channel(s) (gray -> RGB, drop an extra band) or set the config key "
+        f"model.in_chans: {channels}"
+    )
 
 
 def with_coordinate_channels(images: Any) -> torch.Tensor:
@@ -41,12 +61,19 @@ def with_coordinate_channels(images: Any) -> torch.Tensor:
 
 
 class ImageBatch:
-    """B images of one size: a (B, C, H, W) tensor (uint8 or float in [0, 1]) or a list of sources."""
+    """B images of one size: a (B, C, H, W) tensor (uint8 or float in [0, 1]) or a list of sources.
 
-    def __init__(self, images: torch.Tensor | Sequence[Any], *, device: torch.device | str | None = None):
+    With `in_chans` (the model's), an image of another channel count raises `ChannelMismatchError`
+    naming it, before any pixel is read or any layer runs.
+    """
+
+    def __init__(self, images: torch.Tensor | Sequence[Any], *, device: torch.device | str | None = None,
+                 in_chans: int | None = None):
         if isinstance(images, torch.Tensor):
             if images.dim() != 4:
                 raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+            if images.shape[0] == 0:
+                raise SelectionError(f"images is an empty batch (shape {tuple(images.shape)}); pass at least one image")
             self.tensor, self.sources = images, None
             self.batch_size, self.channels = images.shape[:2]
             self.image_hw = tuple(images.shape[-2:])
@@ -63,6 +90,8 @@ class ImageBatch:
             self.tensor, self.sources = None, sources
             self.batch_size, self.channels, self.image_hw = len(sources), sources[0].channels, (h, w)
             self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if in_chans is not None:
+            check_channels(images if self.sources is None else self.sources, in_chans=in_chans)
         self._padded: dict[GridGeometry, tuple[torch.Tensor, tuple[int, int]]] = {}
 
     @property

@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hrsel.errors import ImageTooLargeError
 from hrsel.tiling.kernels import box_fractions, grid_coords
+
+MAX_GRID_CELLS = 1 << 26  # 67 M patches: 1.5 GiB of corners and indices, built in about a second
 
 
 def _count(extent: int, patch: int, stride: int, cover: bool) -> int:
@@ -25,6 +28,8 @@ class PatchGrid:
     `cover=True` adds a last, partly outside patch so every pixel is covered.
     A masked grid (`with_mask`) keeps a subset: `.indices` are its positions in
     the full raster grid and `.coords` only the kept corners.
+    A grid of more than `max_cells` patches raises `ImageTooLargeError` before
+    allocating anything (its corners alone would take minutes and gigabytes).
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class PatchGrid:
         padding: int = 0,
         level_size: tuple[int, int] | None = None,
         cover: bool = False,
+        max_cells: int = MAX_GRID_CELLS,
     ):
         stride = patch_size if stride is None else stride
         if patch_size <= 0 or stride <= 0 or padding < 0 or downsample <= 0:
@@ -55,8 +61,20 @@ class PatchGrid:
         cols = _count(self.level_size[0] + 2 * padding, self.patch_size, self.stride, cover)
         rows = _count(self.level_size[1] + 2 * padding, self.patch_size, self.stride, cover)
         self.shape = (rows, cols)
+        self._check_cells(max_cells)
         self.level_coords = grid_coords(rows, cols, self.stride, self.padding)  # (n, 2) level px
         self.indices = np.arange(rows * cols, dtype=np.int64)
+
+    def _check_cells(self, max_cells: int) -> None:
+        rows, cols = self.shape
+        if rows * cols <= max_cells:
+            return
+        raise ImageTooLargeError(
+            f"a grid of {self.patch_size} px patches every {self.stride} px over level {self.level} "
+            f"({self.level_size[0]}x{self.level_size[1]} px) has {rows}x{cols} = {rows * cols} patches, more "
+            f"than max_cells={max_cells}. Fix: a larger patch_size or stride, a coarser level, or pass "
+            "max_cells to accept the memory (about 24 bytes per patch)"
+        )
 
     @classmethod
     def for_source(
@@ -70,19 +88,28 @@ class PatchGrid:
         cover: bool = False,
         min_tissue_fraction: float | None = None,
         mask_size: int = 1024,
+        max_cells: int = MAX_GRID_CELLS,
     ) -> "PatchGrid":
-        """The grid over an `ImageSource` at `level`; with `min_tissue_fraction`, Otsu-masked."""
+        """The grid over an `ImageSource` at `level`; with `min_tissue_fraction`, Otsu-masked.
+
+        Too many patches (`max_cells`) or a mask whose thumbnail would decode a giant level
+        raise `ImageTooLargeError` naming the image.
+        """
         level = source.check_level(level)
-        grid = cls(
-            image_size=source.dimensions,
-            patch_size=patch_size,
-            stride=stride,
-            level=level,
-            downsample=source.level_downsamples[level],
-            padding=padding,
-            level_size=source.level_dimensions[level],
-            cover=cover,
-        )
+        try:
+            grid = cls(
+                image_size=source.dimensions,
+                patch_size=patch_size,
+                stride=stride,
+                level=level,
+                downsample=source.level_downsamples[level],
+                padding=padding,
+                level_size=source.level_dimensions[level],
+                cover=cover,
+                max_cells=max_cells,
+            )
+        except ImageTooLargeError as error:
+            raise ImageTooLargeError(f"{source!r}: {error}") from None
         if min_tissue_fraction is not None:
             grid = grid.with_mask(source=source, min_tissue_fraction=min_tissue_fraction, mask_size=mask_size)
         return grid
@@ -99,7 +126,8 @@ class PatchGrid:
         corners = np.asarray(corners)
         if corners.ndim != 2 or corners.shape[1] != 2:
             raise ValueError(f"corners must be (n, 2) (x, y), got shape {corners.shape}")
-        grid = cls(image_size=image_size, patch_size=patch_size, stride=stride)
+        grid = cls(image_size=image_size, patch_size=patch_size, stride=stride, level_size=(0, 0))  # skip the raster
+        grid.level_size = grid.image_size
         grid.level_coords = np.ascontiguousarray(corners, dtype=np.int64)
         grid.indices = np.arange(corners.shape[0], dtype=np.int64)
         grid.shape = (1, corners.shape[0])
