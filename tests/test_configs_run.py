@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import inspect
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -123,3 +124,4 @@ def test_config_trains_one_step_and_evaluates(config, data_root, tmp_path, capsy
     ran = load_config(run / "config.yaml")
     changed = {k for k in cfg.model.options if ran.model.options.get(k) != cfg.model.options[k]}
     assert changed <= SHRUNK_MODEL_KEYS and ran.model.name == cfg.model.name, changed
+    shutil.rmtree(run)  # checkpoints of the full-size models: ~300 MB a config, 7 GB a session otherwise

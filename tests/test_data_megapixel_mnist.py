@@ -12,7 +12,7 @@ import torch
 
 from hrsel.data import build_dataset, mnist_idx
 from hrsel.data.collate import collate
-from hrsel.data.digits import load_digit_pools, render_digits
+from hrsel.data.digits import DigitPools, load_digit_pools, render_digits
 from hrsel.data.megapixel_mnist import MegapixelMNIST
 from hrsel.data.megapixel_mnist_gen import (
     DIGIT,
@@ -23,25 +23,49 @@ from hrsel.data.megapixel_mnist_gen import (
 )
 from hrsel.errors import ConfigError, DataError
 
-from fixtures_data import write_idx
+from fixtures_data import write_idx, write_mnist_idx
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = os.environ.get("HRSEL_MNIST_DIR", str(REPO.parent / "shared" / "data" / "mnist"))
+N_T10K = 200  # digits in the tiny t10k pair written by `t10k_dir`
+# The real t10k files, when $HRSEL_MNIST_DIR names a folder that has them: extra checks only.
+REAL_MNIST_DIR = os.environ.get(mnist_idx.ENV_VAR) or None
+HAS_REAL_T10K = REAL_MNIST_DIR is not None and mnist_idx.find_split("test", REAL_MNIST_DIR) is not None
+needs_real_t10k = pytest.mark.skipif(not HAS_REAL_T10K, reason="extra check: $HRSEL_MNIST_DIR has no real t10k files")
+
+
+def isolated_from_mnist(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """No MNIST outside the folder a test names: no env var, empty home, cache and working directory."""
+    monkeypatch.delenv(mnist_idx.ENV_VAR, raising=False)
+    monkeypatch.setattr(mnist_idx, "CACHE_DIR", home / "cache")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
 
 
 @pytest.fixture
 def no_mnist(tmp_path, monkeypatch):
     """A world without MNIST: no env var, an empty home and working directory."""
-    monkeypatch.delenv(mnist_idx.ENV_VAR, raising=False)
-    monkeypatch.setattr(mnist_idx, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
+    isolated_from_mnist(monkeypatch, tmp_path)
     return tmp_path
 
 
 @pytest.fixture(scope="module")
-def t10k_pools():
-    return load_digit_pools(mnist_dir=MNIST_DIR, download=False, progress=False)
+def t10k_dir(tmp_path_factory):
+    """Only the t10k pair, in the exact IDX format (gzipped, real names), as when the train split is missing."""
+    folder = write_mnist_idx(tmp_path_factory.mktemp("idx"), n_train=1, n_test=N_T10K, seed=4)
+    for name in mnist_idx.FILES["train"]:
+        (folder / name).unlink()
+    return folder
+
+
+def load_pools_from(folder: Path, home: Path) -> DigitPools:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolated_from_mnist(monkeypatch, home)
+        return load_digit_pools(mnist_dir=folder, download=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def t10k_pools(t10k_dir, tmp_path_factory):
+    return load_pools_from(t10k_dir, tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +95,45 @@ def test_read_idx_truncated_names_file(tmp_path):
         mnist_idx.read_idx(path)
 
 
-def test_real_t10k_files_found_through_env_and_checksums():
-    found = mnist_idx.find_split("test", MNIST_DIR)
-    assert found is not None, f"t10k files not found in {MNIST_DIR}"
-    from hrsel.data.download import md5sum
-
-    for path in found:
-        assert md5sum(path) == mnist_idx.MD5[path.name]
-    images, labels = mnist_idx.load_split("test", MNIST_DIR)
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+def test_t10k_files_found_through_env(t10k_dir, tmp_path, monkeypatch):
+    isolated_from_mnist(monkeypatch, tmp_path)
+    assert mnist_idx.find_split("test") is None
+    monkeypatch.setenv(mnist_idx.ENV_VAR, str(t10k_dir))
+    assert mnist_idx.find_split("test") == tuple(t10k_dir / name for name in mnist_idx.FILES["test"])
+    assert mnist_idx.find_split("train") is None
+    images, labels = mnist_idx.load_split("test")
+    assert images.shape == (N_T10K, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
     assert sorted(np.unique(labels)) == list(range(10))
 
 
-def test_t10k_only_split_into_disjoint_pools(t10k_pools):
-    p = t10k_pools
-    assert p.source == "mnist-t10k-split" and "t10k" in p.note
-    assert len(p.train_labels) == 8000 and len(p.test_labels) == 2000
+def check_t10k_split(pools, n: int) -> None:
+    assert pools.source == "mnist-t10k-split" and "t10k" in pools.note
+    n_train = int(round(0.8 * n))
+    assert len(pools.train_labels) == n_train and len(pools.test_labels) == n - n_train
     # disjoint: no test digit image appears in the train pool
-    train_keys = {im.tobytes() for im in p.train_images}
-    shared = sum(im.tobytes() in train_keys for im in p.test_images)
-    assert shared <= 5, f"{shared} test digits also in the train pool"  # t10k holds a few exact duplicates
+    train_keys = {im.tobytes() for im in pools.train_images}
+    in_both = sum(im.tobytes() in train_keys for im in pools.test_images)
+    assert in_both <= 5, f"{in_both} test digits also in the train pool"  # t10k holds a few exact duplicates
+
+
+def test_t10k_only_split_into_disjoint_pools(t10k_pools):
+    check_t10k_split(t10k_pools, N_T10K)
+
+
+@needs_real_t10k
+def test_real_t10k_files_checksums_and_split(tmp_path):
+    from hrsel.data.download import md5sum
+
+    for path in mnist_idx.find_split("test", REAL_MNIST_DIR):
+        assert md5sum(path) == mnist_idx.MD5[path.name]
+    images, labels = mnist_idx.load_split("test", REAL_MNIST_DIR)
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert sorted(np.unique(labels)) == list(range(10))
+    real_t10k_only = tmp_path / "t10k"
+    real_t10k_only.mkdir()
+    for path in mnist_idx.find_split("test", REAL_MNIST_DIR):
+        (real_t10k_only / path.name).symlink_to(path)
+    check_t10k_split(load_pools_from(real_t10k_only, tmp_path), 10000)
 
 
 def test_no_mnist_fails_with_where_to_put_files(no_mnist):

@@ -5,6 +5,8 @@
 
 Writes {train,valid,test}/<id>.png + <id>.json in the DPS release's format; the label
 `max-left-right` (max of the leftmost and rightmost numbers, minus 1) is computed by the loader.
+A folder that already holds a data set is refused unless --overwrite (which replaces it once
+the new one is complete); a folder with other files is always refused.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-balls", type=int, default=8, help="most balls per image (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=int, default=1, help="processes writing images (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the billiard data set already in the folder (only once the new one is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                                 min_balls=args.min_balls, max_balls=args.max_balls, seed=args.seed)
     start = time.perf_counter()
     try:
-        out = generate_billiard(args.output_directory, params=params, workers=args.workers, progress=not args.quiet)
+        out = generate_billiard(args.output_directory, params=params, workers=args.workers, progress=not args.quiet,
+                                overwrite=args.overwrite)
     except HrselError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-download", dest="download", action="store_false", help="never try to download MNIST")
     p.add_argument("--workers", type=int, default=1, help="processes writing images (default 1)")
     p.add_argument("--chunk", type=int, default=512, help="zarr chunk side in pixels (default 512)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data set in the folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the Megapixel MNIST data set already in the folder (once the new one is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -40,10 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hrsel.data.digits import load_digit_pools
-    from hrsel.data.megapixel_mnist_gen import MegapixelParameters, generate_megapixel_mnist
+    from hrsel.data.megapixel_mnist_gen import MegapixelParameters, check_parameters, generate_megapixel_mnist
     from hrsel.errors import HrselError
 
+    params = MegapixelParameters(width=args.width, height=args.height, n_train=args.n_train, n_test=args.n_test,
+                                 noise=args.noise, n_noise=args.n_noise, seed=args.seed, chunk=args.chunk)
     try:
+        check_parameters(params)
         pools = load_digit_pools(digits=args.digits, mnist_dir=args.mnist_dir, download=args.download,
                                  progress=not args.quiet)
     except HrselError as exc:
@@ -53,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         bar = "!" * 78
         print(f"{bar}\n!! NOTE: {pools.note}\n{bar}", file=sys.stderr)
     print(f"digits: {pools.source} ({len(pools.train_labels)} train / {len(pools.test_labels)} test in the pools)")
-    params = MegapixelParameters(width=args.width, height=args.height, n_train=args.n_train, n_test=args.n_test,
-                                 noise=args.noise, n_noise=args.n_noise, seed=args.seed, chunk=args.chunk)
     start = time.perf_counter()
     try:
         out = generate_megapixel_mnist(args.output_directory, pools, params=params, workers=args.workers,

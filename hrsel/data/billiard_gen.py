@@ -5,7 +5,9 @@ Each image shows 4-8 balls of six colours on a felt table; every ball carries it
 DPS 4x downscale). Files: `out/{train,valid,test}/<id>.png` + `<id>.json` (a list of
 `{"position": [x, y, 0], "number", "color", "radius"}`, x, y the ball centre in pixels)
 and `out/parameters.json`. Image i of split s is drawn from the seed (seed, s, i), so
-the output does not depend on the number of workers.
+the output does not depend on the number of workers. The set is written into a staging
+folder and moved into `out` when complete (`hrsel.data.output_folder`): a folder that
+already holds a data set is refused unless `overwrite`, one with other files always.
 """
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hrsel.data.output_folder import owned_layout, staged_output
 from hrsel.errors import DataError
 
 COLOURS = {"green": (40, 160, 60), "blue": (40, 70, 200), "purple": (120, 50, 160),
            "yellow": (235, 200, 40), "red": (200, 40, 40), "orange": (240, 130, 30)}
 FORMAT = "hrsel-billiard/1"
+SPLITS = ("train", "valid", "test")
+MIN_SIZE = 64  # smaller tables cannot hold 8 balls with readable numbers
 
 
 @dataclass(frozen=True)
@@ -93,18 +98,47 @@ def _write(job: tuple[str, int, int, BilliardParameters]) -> None:
     (Path(folder) / f"{item}.json").write_text(json.dumps(balls))
 
 
+def check_parameters(params: BilliardParameters) -> None:
+    """DataError naming the first bad setting (by its command-line flag)."""
+    if params.size < MIN_SIZE:
+        raise DataError(f"size={params.size} (--size): billiard images need at least {MIN_SIZE} px per side "
+                        f"(DPS: 1000)")
+    if params.n_train < 1:
+        raise DataError(f"n_train={params.n_train} (--n-train): the train split needs at least 1 image")
+    for key, n in (("n_valid", params.n_valid), ("n_test", params.n_test)):
+        if n < 0:
+            raise DataError(f"{key}={n} (--{key.replace('_', '-')}): an image count cannot be negative")
+    if not 1 <= params.min_balls <= params.max_balls:
+        raise DataError(f"need 1 <= min_balls <= max_balls (--min-balls, --max-balls); got {params.min_balls}, "
+                        f"{params.max_balls}")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Entries of `out` that `generate_billiard` does not write."""
+    return owned_layout(out, {split: (lambda f: len(f.parts) == 1 and f.suffix in (".png", ".json"))
+                              for split in SPLITS})
+
+
 def generate_billiard(out_dir: str | os.PathLike, *, params: BilliardParameters = BilliardParameters(),
-                      workers: int = 1, progress: bool = True) -> Path:
-    """Write the three splits and `parameters.json` (last) under `out_dir`; returns it."""
+                      workers: int = 1, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the three splits and `parameters.json` (last) under `out_dir`; returns it.
+
+    Raises DataError before writing anything when a setting is invalid, when `out_dir` holds
+    files of its own, or when it holds a data set and `overwrite` is False.
+    """
+    check_parameters(params)
+    with staged_output(out_dir, overwrite=overwrite, foreign=foreign_files, what="billiard") as stage:
+        _write_all(stage, params, workers=workers, progress=progress)
+        meta = {**asdict(params), "format": FORMAT, "generator": "procedural (hrsel), not the DPS Kubric renders"}
+        (stage / "parameters.json").write_text(json.dumps(meta, indent=2))
+    return Path(out_dir)
+
+
+def _write_all(out: Path, params: BilliardParameters, *, workers: int, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    if not 1 <= params.min_balls <= params.max_balls:
-        raise DataError(f"need 1 <= min_balls <= max_balls; got {params.min_balls}, {params.max_balls}")
-    out = Path(out_dir)
-    (out / "parameters.json").unlink(missing_ok=True)
     jobs = []
-    for split_index, (split, n) in enumerate((("train", params.n_train), ("valid", params.n_valid),
-                                               ("test", params.n_test))):
+    for split_index, (split, n) in enumerate(zip(SPLITS, (params.n_train, params.n_valid, params.n_test))):
         (out / split).mkdir(parents=True, exist_ok=True)
         jobs += [(str(out / split), split_index, i, params) for i in range(n)]
     with tqdm(total=len(jobs), unit="img", desc="billiard", disable=not progress) as bar:
@@ -116,6 +150,3 @@ def generate_billiard(out_dir: str | os.PathLike, *, params: BilliardParameters 
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
                 for _ in ex.map(_write, jobs, chunksize=16):
                     bar.update()
-    meta = {**asdict(params), "format": FORMAT, "generator": "procedural (hrsel), not the DPS Kubric renders"}
-    (out / "parameters.json").write_text(json.dumps(meta, indent=2))
-    return out

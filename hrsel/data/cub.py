@@ -24,8 +24,12 @@ OFFICIAL_COUNTS = {"train": 5994, "test": 5794}
 def _read_table(path: Path, columns: int) -> dict[int, list[str]]:
     if not path.is_file():
         raise DataError(f"CUB-200-2011 file {path} is missing; the folder must hold the official release")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read CUB-200-2011 file {path}: {exc}; re-extract the release") from exc
     table = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -55,10 +59,15 @@ def read_split(root: str | os.PathLike, split: str) -> tuple[list[str], list[int
     for image_id, (rel,) in sorted(images.items()):
         if image_id not in classes or image_id not in is_train:
             raise DataError(f"image id {image_id} ({rel}) of {folder / 'images.txt'} has no class or split entry")
-        label = int(classes[image_id][0])
-        if not 1 <= label <= 200:
-            raise DataError(f"{folder / 'image_class_labels.txt'}: image id {image_id} has class {label}, not 1..200")
-        if (is_train[image_id][0] == "1") == (split == "train"):
+        label, flag = classes[image_id][0], is_train[image_id][0]
+        if not label.isdigit() or not 1 <= int(label) <= 200:
+            raise DataError(f"{folder / 'image_class_labels.txt'}: image id {image_id} ({rel}) has class {label!r}, "
+                            "not 1..200")
+        if flag not in ("0", "1"):
+            raise DataError(f"{folder / 'train_test_split.txt'}: image id {image_id} ({rel}) has split flag {flag!r}, "
+                            "not 1 (train) or 0 (test)")
+        label = int(label)
+        if (flag == "1") == (split == "train"):
             paths.append(str(Path("images") / rel))
             labels.append(label - 1)
     if len(images) == 11788 and len(paths) != OFFICIAL_COUNTS[split]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from hrsel.errors import DataError
 
 log = logging.getLogger(__name__)
 
+DIGIT_SOURCES = ("mnist", "rendered")
 T10K_TRAIN_FRACTION = 0.8  # share of the t10k digits given to the train pool when only t10k exists
 _T10K_SPLIT_SEED = 20231  # fixed: the t10k train/test pools never depend on the data set seed
 
@@ -39,12 +41,17 @@ class DigitPools:
 
 def load_digit_pools(*, digits: str = "mnist", mnist_dir: str | os.PathLike | None = None,
                      download: bool = True, progress: bool = True) -> DigitPools:
-    """Digit pools for the generator; raises DataError saying where to put the files."""
+    """Digit pools for the generator; raises DataError saying where to put the files.
+
+    A given `mnist_dir` is the only folder searched (no download, no other folder): it must
+    exist and hold at least the t10k pair.
+    """
+    check_digits(digits)
     if digits == "rendered":
         return rendered_pools()
-    if digits != "mnist":
-        raise DataError(f"digits must be 'mnist' or 'rendered', got {digits!r}")
-    train, test = mnist_idx.load_split("train", mnist_dir), mnist_idx.load_split("test", mnist_dir)
+    if mnist_dir is not None:
+        return _pools_from_folder(Path(mnist_dir))
+    train, test = mnist_idx.load_split("train"), mnist_idx.load_split("test")
     if train is None and download:
         try:
             folder = mnist_idx.download_mnist(progress=progress)
@@ -62,6 +69,28 @@ def load_digit_pools(*, digits: str = "mnist", mnist_dir: str | os.PathLike | No
         f"--mnist-dir (or set ${mnist_idx.ENV_VAR}, or use {mnist_idx.CACHE_DIR}); the t10k pair "
         "alone also works. Offline without MNIST, --digits rendered draws digits from a font."
     )
+
+
+def check_digits(digits: str) -> None:
+    if digits not in DIGIT_SOURCES:
+        raise DataError(f"unknown digits source {digits!r}; valid: {', '.join(DIGIT_SOURCES)} (--digits)")
+
+
+def _pools_from_folder(folder: Path) -> DigitPools:
+    """Pools from the IDX files in `folder` alone."""
+    if not folder.is_dir():
+        raise DataError(f"--mnist-dir {folder} does not exist (or is not a folder); pass the folder that holds "
+                        f"{', '.join(mnist_idx.MD5)}")
+    train = mnist_idx.load_split("train", folder, only=True)
+    test = mnist_idx.load_split("test", folder, only=True)
+    if test is None:
+        raise DataError(f"--mnist-dir {folder} holds no MNIST t10k pair ({', '.join(mnist_idx.FILES['test'])}, "
+                        f".gz or plain); put the IDX files there, or leave --mnist-dir out to search "
+                        f"${mnist_idx.ENV_VAR} and the usual folders")
+    if train is None:
+        return _split_t10k(*test)
+    return DigitPools(*train, *test, source="mnist",
+                      note=f"digits from the MNIST train split (train) and t10k split (test) in {folder}")
 
 
 def _split_t10k(images: np.ndarray, labels: np.ndarray) -> DigitPools:

@@ -13,14 +13,16 @@ data set does not depend on the number of workers.
 On disk (`out/`): `parameters.json` (written last: its presence marks a complete
 data set), and per split `train/labels.json` plus `train/images.zarr/00000`, ... one
 chunked compressed (H, W, 1) uint8 zarr array per image. Images are rendered in bands
-of rows and blank chunks are not stored, so 20000^2 canvases need O(band) memory.
+of rows and blank chunks are not stored, so 20000^2 canvases need O(band) memory; the
+array attribute `stored_chunks` lists the (row, col) of the chunks that were, so a loader
+tells a deleted chunk from a blank one. The set is written into a staging folder and moved
+into `out/` when complete (`hrsel.data.output_folder`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -29,12 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from hrsel.data.digits import DigitPools
+from hrsel.data.output_folder import owned_layout, staged_output
 from hrsel.errors import DataError
 
 log = logging.getLogger(__name__)
 
 DIGIT = 28  # MNIST digit side, also the noise pattern side
 FORMAT = "hrsel-megapixel-mnist/1"
+SPLITS = ("train", "test")
+STORED_CHUNKS = "stored_chunks"  # image attribute: [[row, col], ...] of the chunks on disk
 _BAND_BYTES = 64 << 20  # rows rendered at once: at most ~64 MiB per band
 N_NOISE_PATTERNS = 50  # distinct noise patterns per split; IPS's code makes n_noise of them (50 there too)
 NOISE_MAX_ANGLE = 0.4 * np.pi  # 72 deg: IPS draws slopes tan(U[0, 1) * pi / 2.5)
@@ -160,9 +165,23 @@ def write_image(path: Path, layout: SplitLayout, pool: np.ndarray, item: int, *,
     array = zarr.open_array(store=str(path), mode="w", shape=(height, width, 1),
                             chunks=(chunk, chunk, 1), dtype="uint8", fill_value=0, **sparse)
     band = max(chunk, _BAND_BYTES // max(width, 1) // chunk * chunk)
+    stored: list[list[int]] = []
     for y0 in range(0, height, band):
         y1 = min(y0 + band, height)
-        array[y0:y1, :, 0] = render_rows(layout, pool, item, (y0, y1), width)
+        rows = render_rows(layout, pool, item, (y0, y1), width)
+        array[y0:y1, :, 0] = rows
+        stored += nonblank_chunks(rows, chunk, first_row=y0 // chunk)
+    array.attrs[STORED_CHUNKS] = stored
+
+
+def nonblank_chunks(rows: np.ndarray, chunk: int, *, first_row: int = 0) -> list[list[int]]:
+    """[row, col] of the chunk x chunk blocks of a (h, W) band with a non-zero pixel (the ones zarr stores)."""
+    found = []
+    for r, y in enumerate(range(0, rows.shape[0], chunk)):
+        strip = rows[y:y + chunk]
+        found += [[first_row + r, c] for c, x in enumerate(range(0, rows.shape[1], chunk))
+                  if strip[:, x:x + chunk].any()]
+    return found
 
 
 _WORKER: dict = {}  # per process: split -> (layout, digit pool, images folder), and the parameters
@@ -192,44 +211,66 @@ class MegapixelParameters:
     chunk: int = 512
 
 
+def check_parameters(params: MegapixelParameters) -> None:
+    """DataError naming the first bad setting (by its command-line flag)."""
+    if min(params.width, params.height) < DIGIT or params.chunk < 1:
+        raise DataError(f"canvas height={params.height} x width={params.width} must be at least {DIGIT} px "
+                        f"and chunk={params.chunk} >= 1 (--height, --width, --chunk)")
+    if params.n_train < 1:
+        raise DataError(f"n_train={params.n_train} (--n-train): the train split needs at least 1 image")
+    if params.n_test < 0 or params.n_noise < 0:
+        raise DataError(f"n_test={params.n_test} and n_noise={params.n_noise} (--n-test, --n-noise) cannot be "
+                        "negative")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Entries of `out` that `generate_megapixel_mnist` does not write."""
+    def owned(f: Path) -> bool:
+        return f.parts[0] == "images.zarr" or f.as_posix() == "labels.json"
+
+    return owned_layout(out, {split: owned for split in SPLITS})
+
+
 def generate_megapixel_mnist(out_dir: str | os.PathLike, pools: DigitPools, *,
                              params: MegapixelParameters = MegapixelParameters(),
                              workers: int = 1, progress: bool = True, overwrite: bool = False) -> Path:
-    """Write the train and test splits and `parameters.json` under `out_dir`; returns it."""
+    """Write the train and test splits and `parameters.json` under `out_dir`; returns it.
+
+    Raises DataError before writing anything when a setting is invalid, when `out_dir` holds
+    files of its own, or when it holds a data set and `overwrite` is False.
+    """
+    check_parameters(params)
+    layouts = {split: _split_layout(split, pools, params) for split in SPLITS}  # may fail: before any write
+    with staged_output(out_dir, overwrite=overwrite, foreign=foreign_files, what="Megapixel MNIST") as stage:
+        splits = {split: (layout, images, str(_images_group(stage / split)))
+                  for split, (layout, images) in layouts.items()}
+        _write_images(splits, params, workers=workers, progress=progress)
+        for split, (layout, _) in layouts.items():
+            (stage / split / "labels.json").write_text(json.dumps(layout.labels()))
+        meta = {**asdict(params), "format": FORMAT, "digits": pools.source, "digits_note": pools.note,
+                "tasks": {"majority": "multiclass:10", "max": "multiclass:10", "top": "multiclass:10",
+                          "multi": "multilabel:10"}}
+        (stage / "parameters.json").write_text(json.dumps(meta, indent=2))
     out = Path(out_dir)
-    if (out / "parameters.json").exists() and not overwrite:
-        raise DataError(f"{out} already holds a Megapixel MNIST data set; pass overwrite=True (--overwrite) "
-                        "or choose another folder")
-    if min(params.width, params.height) < DIGIT or params.chunk < 1:
-        raise DataError(f"canvas {params.height}x{params.width} must be at least {DIGIT} px and chunk >= 1")
-    (out / "parameters.json").unlink(missing_ok=True)
-    splits = {}
-    for split, n in (("train", params.n_train), ("test", params.n_test)):
-        images, labels = pools.split(split)
-        layout = sample_layout(labels, n=n, height=params.height, width=params.width, noise=params.noise,
-                               n_noise=params.n_noise, seed=params.seed + int(split == "train"))
-        splits[split] = (layout, images, str(_fresh_split_folder(out / split)))
-    _write_images(splits, params, workers=workers, progress=progress)
-    for split, (layout, _, _) in splits.items():
-        (out / split / "labels.json").write_text(json.dumps(layout.labels()))
-    meta = {**asdict(params), "format": FORMAT, "digits": pools.source, "digits_note": pools.note,
-            "tasks": {"majority": "multiclass:10", "max": "multiclass:10", "top": "multiclass:10",
-                      "multi": "multilabel:10"}}
-    (out / "parameters.json").write_text(json.dumps(meta, indent=2))
     log.info("Megapixel MNIST written to %s (%d train, %d test, digits: %s)", out, params.n_train, params.n_test,
              pools.source)
     return out
 
 
-def _fresh_split_folder(folder: Path) -> Path:
-    """An empty `folder/images.zarr` group; refuses to delete a folder that is not generator output."""
+def _split_layout(split: str, pools: DigitPools, params: MegapixelParameters) -> tuple[SplitLayout, np.ndarray]:
+    """(layout, digit pool) of one split."""
+    images, labels = pools.split(split)
+    n = params.n_train if split == "train" else params.n_test
+    layout = sample_layout(labels, n=n, height=params.height, width=params.width, noise=params.noise,
+                           n_noise=params.n_noise, seed=params.seed + int(split == "train"))
+    return layout, images
+
+
+def _images_group(folder: Path) -> Path:
+    """A new split folder with its empty `images.zarr` group; returns the group's path."""
     import zarr
 
-    if folder.exists():
-        if any(p.name not in ("images.zarr", "labels.json") for p in folder.iterdir()):
-            raise DataError(f"{folder} holds files that are not Megapixel MNIST output; choose an empty folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir()
     zarr.open_group(str(folder / "images.zarr"), mode="w")
     return folder / "images.zarr"
 

@@ -62,8 +62,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _candidate_dirs(mnist_dir: str | os.PathLike | None) -> list[Path]:
+def _candidate_dirs(mnist_dir: str | os.PathLike | None, *, only: bool = False) -> list[Path]:
     dirs = [Path(mnist_dir)] if mnist_dir is not None else []
+    if only:
+        return dirs
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]))
     dirs += [CACHE_DIR, Path.home() / ".cache" / "mnist", Path("data/mnist"), Path("data/MNIST/raw")]
@@ -77,18 +79,23 @@ def _find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def find_split(split: str, mnist_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
-    """(images, labels) paths of an MNIST split ("train" or "test") or None when absent."""
-    for folder in _candidate_dirs(mnist_dir):
+def find_split(split: str, mnist_dir: str | os.PathLike | None = None, *,
+               only: bool = False) -> tuple[Path, Path] | None:
+    """(images, labels) paths of an MNIST split ("train" or "test") or None when absent.
+
+    `only`: look in `mnist_dir` alone, not in $HRSEL_MNIST_DIR and the usual folders.
+    """
+    for folder in _candidate_dirs(mnist_dir, only=only):
         images, labels = (_find_file(folder, name) for name in FILES[split])
         if images is not None and labels is not None:
             return images, labels
     return None
 
 
-def load_split(split: str, mnist_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def load_split(split: str, mnist_dir: str | os.PathLike | None = None, *,
+               only: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """Images (n, 28, 28) uint8 and labels (n,) int64 of a split, or None when the files are absent."""
-    found = find_split(split, mnist_dir)
+    found = find_split(split, mnist_dir, only=only)
     if found is None:
         return None
     images, labels = read_idx(found[0]), read_idx(found[1])
@@ -96,6 +103,10 @@ def load_split(split: str, mnist_dir: str | os.PathLike | None = None) -> tuple[
         raise DataError(
             f"MNIST files {found[0]} and {found[1]} disagree: images {images.shape}, labels {labels.shape}"
         )
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if images.shape[1:] != (28, 28) or len(bad):
+        raise DataError(f"MNIST files {found[0]} and {found[1]}: expected 28x28 digits labelled 0..9, got images "
+                        f"{images.shape}" + (f" and label {labels[bad[0]]} at item {bad[0]}" if len(bad) else ""))
     log.info("MNIST %s split from %s (%d digits)", split, found[0].parent, len(labels))
     return images, labels.astype(np.int64)
 

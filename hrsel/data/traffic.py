@@ -11,6 +11,9 @@ signs (50_SIGN, 70_SIGN, 80_SIGN) sorted by visibility (VISIBLE, BLURRED, SIDE_R
 OCCLUDED), then larger area first; drop the image if none is left or the first is not
 VISIBLE; its label is the first sign. Split: Set{1 + (seed + 1 + train) % 2}. With the
 official annotation files the subset has 747 (Set1) and 684 (Set2) images; that is checked.
+Other sign names (PEDESTRIAN_CROSSING, 30_SIGN, ...) are not classes and are skipped, but a
+misspelt class (`50_sign`, `50-SIGN`) or an empty name is an error naming the line: it would
+silently turn a labelled image into a dropped or EMPTY one.
 """
 from __future__ import annotations
 
@@ -90,8 +93,19 @@ def parse_line(line: str, *, where: str) -> tuple[str, list[Sign], int]:
             box = [parse_number(p) for p in parts[1:5]]
         except ValueError as exc:
             raise DataError(f"{where}: bad coordinate in sign {text!r}: {exc}") from exc
+        check_sign_name(parts[6], where=where, text=text)
         signs.append(Sign(parts[0], *box, type=parts[5], name=parts[6]))
     return name.strip(), signs, misc
+
+
+def check_sign_name(name: str, *, where: str, text: str) -> None:
+    """DataError for an empty sign name or a class written another way (case, '-' or ' ' for '_')."""
+    if not name:
+        raise DataError(f"{where}: sign {text!r} has an empty NAME; classes: {', '.join(CLASSES[1:])}")
+    canonical = name.upper().replace("-", "_").replace(" ", "_")
+    if canonical != name and canonical in CLASSES[1:]:
+        raise DataError(f"{where}: sign name {name!r} is not a known class; did you mean {canonical!r}? "
+                        f"classes: {', '.join(CLASSES[1:])} (other names are skipped)")
 
 
 def label_of(signs: list[Sign]) -> tuple[int | None, str]:
@@ -163,10 +177,14 @@ def load_index(root: str | os.PathLike, set_name: str) -> dict:
     if cache.is_file() and annotations.is_file():
         try:
             index = json.loads(cache.read_text())
-            if index.get("version") == _INDEX_VERSION and index.get("annotations_md5") == md5sum(annotations):
-                return index
-        except json.JSONDecodeError:
-            pass
+            if (isinstance(index, dict) and index.get("version") == _INDEX_VERSION
+                    and index.get("annotations_md5") == md5sum(annotations)):
+                if _valid_index(index):
+                    return index
+                log.warning("cached index %s holds labels outside 0..%d or mismatched lists; rebuilding it",
+                            cache, len(CLASSES) - 1)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            log.warning("cached index %s is unreadable; rebuilding it", cache)
     index = build_index(root, set_name)
     log.info("traffic %s: %d images kept; rule counts %s", set_name, len(index["images"]), index["counts"])
     try:
@@ -174,6 +192,12 @@ def load_index(root: str | os.PathLike, set_name: str) -> dict:
     except OSError as exc:
         log.warning("cannot cache the parsed index at %s: %s", cache, exc)
     return index
+
+
+def _valid_index(index: dict) -> bool:
+    images, labels = index.get("images"), index.get("labels")
+    return (isinstance(images, list) and isinstance(labels, list) and len(images) == len(labels)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(CLASSES) for v in labels))
 
 
 def ensure_traffic_signs(root: str | os.PathLike, *, download: bool = True, progress: bool = True) -> Path:

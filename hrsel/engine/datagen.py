@@ -19,20 +19,33 @@ def generate_megapixel_mnist(root: str, *, width: int = 1500, height: int = 1500
                              workers: int = 1) -> str:
     """Write Megapixel MNIST into `root`; returns where the digits came from (one sentence).
 
-    Digits: MNIST from `mnist_dir`, $HRSEL_MNIST_DIR or the usual folders (a download when
-    `download`), else digits rendered from a font, which the returned note says aloud.
+    Digits: MNIST from `mnist_dir` alone when given (an error when it lacks them), else from
+    $HRSEL_MNIST_DIR or the usual folders (a download when `download`), else digits rendered
+    from a font, which the returned note says aloud. Leftovers of an interrupted run in `root`
+    are replaced; a finished data set or files of other origin are not.
     """
-    from hrsel.data.digits import load_digit_pools
-    from hrsel.data.megapixel_mnist_gen import MegapixelParameters, generate_megapixel_mnist as generate
+    from pathlib import Path
 
+    from hrsel.data.digits import check_digits, load_digit_pools
+    from hrsel.data.megapixel_mnist_gen import MegapixelParameters, check_parameters
+    from hrsel.data.megapixel_mnist_gen import generate_megapixel_mnist as generate
+
+    try:
+        check_digits(digits)
+        params = MegapixelParameters(width=width, height=height, n_train=n_train, n_test=n_test, noise=noise,
+                                     n_noise=n_noise, seed=seed)
+        check_parameters(params)
+    except DataError as e:
+        raise ConfigError(f"data.generate: {e}") from e
     try:
         pools = load_digit_pools(digits=digits, mnist_dir=mnist_dir, download=download, progress=False)
     except DataError as e:
+        if mnist_dir is not None or digits != "mnist":
+            raise ConfigError(f"data.generate.mnist_dir: {e}") from e
         log.warning("no MNIST digits (%s); falling back to digits rendered from a font", e)
         pools = load_digit_pools(digits="rendered")
-    params = MegapixelParameters(width=width, height=height, n_train=n_train, n_test=n_test, noise=noise,
-                                 n_noise=n_noise, seed=seed)
-    generate(root, pools, params=params, workers=workers, progress=False)
+    finished = (Path(root) / "parameters.json").is_file()
+    generate(root, pools, params=params, workers=workers, progress=False, overwrite=not finished)
     return pools.note
 
 

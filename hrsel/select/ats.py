@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from hrsel.select._checks import check_k
+from hrsel.errors import SelectionError
+from hrsel.select._checks import check_finite, check_k, check_probabilities, check_scores
 
 
 def smoothed_attention(logits: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
@@ -33,7 +34,8 @@ def smoothed_attention(logits: torch.Tensor, smooth: float = 1e-4) -> torch.Tens
     speed limits (1e-5 on megapixel MNIST); 0 is the plain softmax.
     """
     if not 0.0 <= smooth < 1.0:
-        raise ValueError(f"attention smoothing must be in [0, 1), got {smooth!r}")
+        raise SelectionError(f"attention smoothing must be in [0, 1), got {smooth!r}")
+    check_scores(logits, "attention logits")
     return (1.0 - smooth) * torch.softmax(logits, dim=1) + smooth / logits.shape[1]
 
 
@@ -48,6 +50,7 @@ def attention_entropy(attention: torch.Tensor, *, eps: float = 1e-6) -> torch.Te
 def sample_without_replacement(attention: torch.Tensor, k: int, *,
                                generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, N) probabilities -> (B, K) indices in the order drawn (Gumbel top-K)."""
+    check_probabilities(attention, "attention", hint="pass a distribution, e.g. `smoothed_attention(logits)`")
     check_k(k, attention.shape[1])
     u = torch.rand(attention.shape, generator=generator, device=attention.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
@@ -93,8 +96,10 @@ def expectation_without_replacement(attention: torch.Tensor, features: torch.Ten
     patches; indices: (B, K) the draws in the order sampled. Returns (B, D).
     """
     if features.shape[:2] != indices.shape or attention.shape[0] != indices.shape[0]:
-        raise ValueError(
+        raise SelectionError(
             f"attention (B, N), features (B, K, D) and indices (B, K) disagree: {tuple(attention.shape)}, "
             f"{tuple(features.shape)}, {tuple(indices.shape)}"
         )
+    check_finite(attention, "attention")
+    check_finite(features, "features", hint="check the feature network's output")
     return ExpectationWithoutReplacement.apply(attention, features, indices)

@@ -10,7 +10,7 @@ chunk's patches and contracts it with the upstream gradient, so extraction needs
 O(K x patch + chunk x patch) memory whatever the image size (the DPS JAX code scans
 over grid cells for the same reason).
 
-Grid geometry follows DPS (REFERENCE.md section 2): the patch of cell (r, c) has its
+Grid geometry follows the DPS JAX release: the patch of cell (r, c) has its
 top-left corner at (r * stride_y - pad_y, c * stride_x - pad_x) and pixels outside the
 image are zeros; `GridGeometry.centred` centres patches on the cells of a score grid.
 """
@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hrsel.errors import SelectionError
 from hrsel.select._checks import check_positive_int
 
 ReadChunk = Callable[[torch.Tensor | None, int, int], torch.Tensor]
@@ -51,7 +52,7 @@ class GridGeometry:
         rows = (h + 2 * padding - patch_size) // stride + 1
         cols = (w + 2 * padding - patch_size) // stride + 1
         if rows < 1 or cols < 1:
-            raise ValueError(
+            raise SelectionError(
                 f"image of (height, width)={image_hw} is smaller than patch_size={patch_size} "
                 f"(padding={padding}); use a smaller patch or pad the image"
             )
@@ -63,7 +64,7 @@ class GridGeometry:
         check_positive_int(patch_size, "patch_size")
         (h, w), (rows, cols) = image_hw, grid_shape
         if rows < 1 or cols < 1 or rows > h or cols > w:
-            raise ValueError(f"score grid {grid_shape} does not fit an image of (height, width)={image_hw}")
+            raise SelectionError(f"score grid {grid_shape} does not fit an image of (height, width)={image_hw}")
         sy, sx = h // rows, w // cols
         return cls(patch_size, (sy, sx), ((patch_size - sy) // 2, (patch_size - sx) // 2), (rows, cols))
 
@@ -113,7 +114,7 @@ def grid_chunk(padded: torch.Tensor, geometry: GridGeometry, offset: tuple[int, 
 def gather_patches(image: torch.Tensor, geometry: GridGeometry, indices: torch.Tensor) -> torch.Tensor:
     """Hard extraction: (B, C, H, W) image, (B, K) patch indices -> (B, K, C, p, p), differentiable."""
     if indices.dim() != 2 or indices.shape[0] != image.shape[0]:
-        raise ValueError(f"indices must be (batch={image.shape[0]}, k), got shape {tuple(indices.shape)}")
+        raise SelectionError(f"indices must be (batch={image.shape[0]}, k), got shape {tuple(indices.shape)}")
     padded, (oy, ox) = geometry.pad_image(image)
     corners = geometry.top_left(indices.cpu()).tolist()  # (B, K, 2)
     p = geometry.patch_size
@@ -181,7 +182,7 @@ def streaming_soft_extract(indicators: torch.Tensor, read_chunk: ReadChunk, *, n
     when given and requiring grad, to `image`.
     """
     if indicators.dim() != 3 or indicators.shape[2] != num_patches:
-        raise ValueError(
+        raise SelectionError(
             f"indicators must be (batch, k, num_patches={num_patches}), got shape {tuple(indicators.shape)}"
         )
     check_positive_int(chunk_size, "chunk_size")
@@ -192,7 +193,7 @@ def soft_extract(indicators: torch.Tensor, image: torch.Tensor, geometry: GridGe
                  chunk_size: int = 64) -> torch.Tensor:
     """Streaming soft extraction from an in-memory (B, C, H, W) float image -> (B, K, C, p, p)."""
     if image.dim() != 4 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (B, C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+        raise SelectionError(f"image must be a float (B, C, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
     padded, offset = geometry.pad_image(image)
 
     def read_chunk(img: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:

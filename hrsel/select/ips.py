@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from hrsel.select._checks import check_positive_int
+from hrsel.errors import SelectionError
+from hrsel.select._checks import check_positive_int, nonfinite_message
 
 # (items (B, n, ...), mask (B, n) bool, indices (B, n) int64) -> scores (B, n)
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,17 +67,25 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
 
     Returns:
         TopMResult sorted by ascending index (raster order for patch indices).
+
+    Raises:
+        SelectionError: an empty batch, or a score_fn that returned NaN or +-inf for a real item
+            (checked once, after the stream: the message names the batch row and the item index).
     """
     check_positive_int(m, "m")
     buf = None  # (indices, items, scores, mask, keys)
     arrived = 0
+    nonfinite = None  # per row: first stream index with a non-finite score, and that score
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     for idx, items in chunks:
         if idx.dim() != 2 or items.shape[:2] != idx.shape:
-            raise ValueError(
+            raise SelectionError(
                 f"each chunk must be (indices (B, n), items (B, n, ...)), got shapes "
                 f"{tuple(idx.shape)} and {tuple(items.shape)}"
             )
+        if idx.shape[0] == 0:
+            raise SelectionError(f"iterative_topm got an empty batch (indices of shape {tuple(idx.shape)}); "
+                                 "pass at least one image")
         new_mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         if random_ties:
             new_keys = torch.rand(idx.shape, generator=generator, device="cpu", dtype=torch.float64).to(idx.device)
@@ -93,14 +102,16 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
             cand_keys = torch.cat([buf[4], new_keys], dim=1)
         scores = score_fn(cand_items, cand_mask, cand_idx)
         if scores.shape != cand_idx.shape:
-            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {tuple(cand_idx.shape)}")
+            raise SelectionError(f"score_fn returned shape {tuple(scores.shape)}, expected {tuple(cand_idx.shape)}")
+        nonfinite = _first_nonfinite(scores, cand_mask, cand_idx, nonfinite)
         if record_fn is not None:
             recorded.append((idx, record_fn(items, new_mask, idx).float()))
         elif record_scores:
             recorded.append((idx, scores[:, -idx.shape[1]:].float()))
         buf = _keep_top(cand_idx, cand_items, scores, cand_mask, cand_keys, m)
     if buf is None:
-        raise ValueError("iterative_topm got an empty stream of chunks")
+        raise SelectionError("iterative_topm got an empty stream of chunks")
+    _check_nonfinite(nonfinite, arrived)
     indices, items, scores, mask, _ = buf
     if indices.shape[1] < m:  # fewer than M items in all: pad with absent slots
         pad = m - indices.shape[1]
@@ -115,6 +126,37 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
     indices, items, scores, mask = _gather_rows(order, indices, items, scores, mask)
     all_scores = _place(recorded) if recorded else None
     return TopMResult(indices, items, scores, mask, all_scores)
+
+
+def _first_nonfinite(scores: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
+                     found: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the smallest stream index of a real item with a non-finite score so far, and that score.
+
+    (B, n) scores, mask, indices -> ((B,) index, int64 max where none; (B,) its score); no host sync.
+    """
+    bad = ~torch.isfinite(scores) & mask
+    key = torch.where(bad, indices.long(), torch.iinfo(torch.int64).max)
+    pos = key.argmin(dim=1, keepdim=True)  # (B, 1)
+    first, value = key.gather(1, pos)[:, 0], scores.gather(1, pos)[:, 0].float()
+    if found is None:
+        return first, value
+    earlier = first < found[0]
+    return torch.where(earlier, first, found[0]), torch.where(earlier, value, found[1])
+
+
+def _check_nonfinite(found: tuple[torch.Tensor, torch.Tensor] | None, arrived: int) -> None:
+    """SelectionError naming the rows (and first item) where score_fn returned NaN or +-inf."""
+    if found is None:
+        return
+    first, value = found
+    bad = first != torch.iinfo(torch.int64).max
+    if bool(bad.any()):
+        raise SelectionError(nonfinite_message(value[:, None], bad[:, None], "score_fn's scores",
+                                               items=first[:, None], where=f"{len(first)} rows of a stream "
+                                               f"of {arrived} items",
+                                               hint="the scorer returned NaN or inf for a real item, which "
+                                               "would be kept or dropped arbitrarily; check the scorer "
+                                               "(e.g. an overflow or a division by zero)"))
 
 
 def _place(recorded: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -19,21 +19,29 @@ from __future__ import annotations
 
 import torch
 
+from hrsel.errors import SelectionError
+from hrsel.select._checks import check_probabilities
+
+_PROBS_HINT = "the policy must output keep probabilities, e.g. a sigmoid of its logits"
+
 
 def bound_probs(probs: torch.Tensor, alpha: float) -> torch.Tensor:
     """PatchDrop's exploration bound: alpha * p + (1 - alpha) * (1 - p); alpha = 1 leaves p as it is."""
     if not 0.5 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0.5, 1] (PatchDrop: 0.8), got {alpha!r}")
+        raise SelectionError(f"alpha must be in [0.5, 1] (PatchDrop: 0.8), got {alpha!r}")
+    check_probabilities(probs, "keep probabilities", hint=_PROBS_HINT, matrix=False)
     return alpha * probs + (1.0 - alpha) * (1.0 - probs)
 
 
 def greedy_actions(probs: torch.Tensor) -> torch.Tensor:
     """(B, N) keep probabilities -> (B, N) float actions: keep where p >= 0.5 (PatchDrop's test policy)."""
+    check_probabilities(probs, "keep probabilities", hint=_PROBS_HINT, matrix=False)
     return (probs >= 0.5).to(probs.dtype).detach()
 
 
 def sample_actions(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, N) keep probabilities -> (B, N) float actions ~ Bernoulli(p), no gradient."""
+    check_probabilities(probs, "keep probabilities", hint=_PROBS_HINT, matrix=False)
     u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
     return (u < probs.detach()).to(probs.dtype)
 
@@ -76,8 +84,8 @@ def log_prob(probs: torch.Tensor, actions: torch.Tensor, *, mask: torch.Tensor |
 
 def patchdrop_reward(correct: torch.Tensor, kept_fraction: torch.Tensor, *, penalty: float) -> torch.Tensor:
     """PatchDrop's reward: 1 - kept_fraction^2 when correct, -penalty otherwise. (B,), (B,) -> (B,)."""
-    if penalty < 0:
-        raise ValueError(f"penalty is the magnitude of the negative reward (PatchDrop's --penalty -0.5 is "
+    if not 0 <= penalty < float("inf"):
+        raise SelectionError(f"penalty is the magnitude of the negative reward (PatchDrop's --penalty -0.5 is "
                          f"penalty 0.5), got {penalty!r}")
     return torch.where(correct.bool(), 1.0 - kept_fraction.float() ** 2,
                        torch.full_like(kept_fraction.float(), -float(penalty)))

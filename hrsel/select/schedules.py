@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hrsel.errors import SelectionError
+
 
 @dataclass(frozen=True)
 class ConstantSigma:
@@ -45,11 +47,11 @@ SCHEDULES = {"constant": ConstantSigma, "linear": LinearSigma, "cosine": CosineS
 def build_sigma_schedule(kind: str, *, sigma: float, total_steps: int = 1, final: float = 0.0):
     """A callable step -> sigma. kind: constant | linear | cosine."""
     if kind not in SCHEDULES:
-        raise ValueError(f"sigma schedule {kind!r} is unknown; valid: {', '.join(SCHEDULES)}")
-    if sigma < 0 or final < 0:
-        raise ValueError(f"sigma schedule needs sigma >= 0 and final >= 0, got sigma={sigma}, final={final}")
+        raise SelectionError(f"sigma schedule {kind!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    if not (0 <= sigma < math.inf and 0 <= final < math.inf):
+        raise SelectionError(f"sigma schedule needs sigma >= 0 and final >= 0, got sigma={sigma}, final={final}")
     if kind == "constant":
         return ConstantSigma(sigma)
     if total_steps <= 0:
-        raise ValueError(f"sigma schedule {kind!r} needs total_steps >= 1, got {total_steps}")
+        raise SelectionError(f"sigma schedule {kind!r} needs total_steps >= 1, got {total_steps}")
     return SCHEDULES[kind](sigma, total_steps, final)

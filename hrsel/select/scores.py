@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from hrsel.errors import SelectionError
+from hrsel.select._checks import check_finite
+
 
 def normalize_scores(scores: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Min-max normalise each row of (B, N) scores to [0, 1), as DPS does before perturbing.
 
-    The eps keeps a constant row finite (it maps to zeros).
+    The eps keeps a constant row finite (it maps to zeros). Non-finite scores are rejected
+    (SelectionError naming the batch row): one inf would flatten its whole row to 0.
     """
+    if scores.dim() == 0 or scores.numel() == 0:
+        raise SelectionError(f"scores to normalise must be (B, N) with B, N >= 1, got shape {tuple(scores.shape)}")
+    check_finite(scores, "scores")
     lo = scores.amin(dim=-1, keepdim=True)
     hi = scores.amax(dim=-1, keepdim=True)
     return (scores - lo) / (hi - lo + eps)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from hrsel.errors import SelectionError
 from hrsel.select._checks import check_k, check_positive_int, check_scores
 from hrsel.select.scores import normalize_scores
 
@@ -98,13 +99,16 @@ def sinkhorn_topk(
     0.1 is the former default (1e-2 with anchors at j/k) at k = 10. Iterations stop early
     once the row marginals are within `tol` (relative); tol = 0 runs all of them, as JAX does.
     The JAX code returns the columns anchor 1 first (rank k first); here rank 1 comes first.
+    Scores must be finite and the batch non-empty (SelectionError naming the batch row).
     """
     check_scores(scores)
     n = scores.shape[1]
     check_k(k, n)
     check_positive_int(iterations, "iterations")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if not 0 < epsilon < float("inf"):
+        raise SelectionError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    if not 0 <= tol < float("inf"):
+        raise SelectionError(f"tol must be a finite number >= 0, got {tol!r}")
     x = normalize_scores(scores).to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     b = x.shape[0]
     j = torch.arange(k + 1, device=x.device, dtype=x.dtype)  # anchor 0: "not selected"; anchor j: rank k + 1 - j
