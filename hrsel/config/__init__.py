@@ -7,15 +7,20 @@ Every key is checked before any work starts: an unknown or misspelt key, a value
 of the wrong type or an impossible value raises `ConfigError` naming the key, the
 bad value and the closest valid key. `data` and `model` take free keys besides
 their own fields: those are keyword arguments of the data set / pipeline builder
-and are checked against the builder's signature by `check_builder_options`.
-No torch import here: `--print-config` and config errors stay fast.
+and are checked against the builder's signature by `check_builder_options`;
+`hrsel.config.checks` resolves the names (data set, pipeline, its backbone, aggregator,
+scorer) and checks the nested `*_options` and eval.metric. "Did you mean" comes from
+`hrsel.config.keys`, value types from `hrsel.config.coerce`, ranges of free keys from
+`hrsel.config.values`. No torch import here: config errors stay fast.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,9 @@ from typing import Any, Callable
 
 import yaml
 
+from hrsel.config.keys import closest_key
+from hrsel.config.coerce import coerce, coerce_option
+from hrsel.config.values import check_option_values
 from hrsel.errors import ConfigError
 
 
@@ -82,11 +90,12 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only; fp32 on CPU)
     compile: bool = False  # torch.compile the pipeline
     skip_nan_updates: bool = False  # skip an update with a non-finite loss instead of stopping
+    max_nan_skips: int = 20  # with skip_nan_updates: stop after this many non-finite losses in a row
     checkpoint_every: int = 0  # also checkpoint every n updates (0: only at epoch ends)
     eval_every: int = 1  # evaluate every n epochs (and always after the last)
     class_balanced: bool = False  # weight task losses by inverse class frequency
     task_weights: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
-    find_unused_parameters: bool = True  # DDP: pipelines may leave a scorer out of a step
+    find_unused_parameters: bool = True  # DDP: let a probe step decide (hrsel.engine.probe); false: never
     progress_bar: bool = True
 
 
@@ -191,7 +200,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, full + ".")
         else:
-            kwargs[key] = _coerce(value, hint, full)
+            kwargs[key] = coerce(value, hint, full)
     if free:
         kwargs[_FREE_KEYS] = extras
     return cls(**kwargs)
@@ -218,9 +227,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     leaf = parts[-1]
     hint = _field_type(parts)
     if leaf in node and node[leaf] is not None:
-        value = _coerce(value, _type_of(node[leaf]) if hint is None else hint, key, text)
+        value = coerce(value, _type_of(node[leaf]) if hint is None else hint, key, text)
     elif hint is not None:
-        value = _coerce(value, hint, key, text)
+        value = coerce(value, hint, key, text)
     elif not _is_free_key(parts):
         raise ConfigError(_unknown_key_message(key, text))
     node[leaf] = value
@@ -246,9 +255,16 @@ def _type_of(value: Any) -> Any:
 
 
 def _field_type(parts: list[str]) -> Any | None:
-    """The declared type of a dotted key, or None when it is not a dataclass field."""
+    """The declared type of a dotted key, or None when it is not a dataclass field.
+
+    A key inside a typed mapping has the mapping's value type: `train.task_weights.majority` is a float,
+    `data.generate.n_train` is Any (checked against the generator later).
+    """
     cls: Any = Config
     for part in parts:
+        if typing.get_origin(cls) is dict:
+            cls = (typing.get_args(cls) or (str, Any))[-1]
+            continue
         if not dataclasses.is_dataclass(cls):
             return None
         hints = typing.get_type_hints(cls)
@@ -269,75 +285,6 @@ def _is_free_key(parts: list[str]) -> bool:
     return _FREE_KEYS in names and (parts[1] not in names or parts[1] == _FREE_KEYS)
 
 
-# ----------------------------------------------------------------------------- types
-
-def _coerce(value: Any, hint: Any, key: str, shown: Any = None) -> Any:
-    """Check `value` against a type hint, converting int -> float where harmless."""
-    shown = value if shown is None else shown
-    origin = typing.get_origin(hint) or hint
-    bad = ConfigError(
-        f"config key {key!r} expects {_type_name(hint)}, got {shown!r}"
-        f" ({type(value).__name__}); e.g. {key}={_example(hint)}"
-    )
-    if hint is Any:
-        return value
-    if isinstance(value, str) and origin in (int, float):  # YAML reads `1e-4` as a string
-        try:
-            value = origin(value)
-        except ValueError:
-            raise bad from None
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if origin is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(shown)
-        raise bad
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise bad
-        args = typing.get_args(hint)
-        item = args[1] if len(args) == 2 else Any
-        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint) or hint
-    if origin is list:
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return getattr(origin, "__name__", str(origin))
-
-
-def _example(hint: Any) -> str:
-    origin = typing.get_origin(hint) or hint
-    return {bool: "true", int: "10", float: "0.001", str: "name", list: "[1,2]", dict: "{a: 1}"}.get(origin, "...")
-
-
 # ----------------------------------------------------------------------------- validation
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -350,26 +297,6 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
         elif f.name != _FREE_KEYS:
             keys.append(prefix + f.name)
     return keys
-
-
-_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
-            "epoch": "epochs", "optimizer": "name", "workers": "num_workers", "warmup": "warmup_epochs"}
-
-
-def closest_key(key: str, valid: list[str]) -> str | None:
-    """The valid key most like `key`, preferring keys of the same section (`optim.learning_rate` -> `optim.lr`)."""
-    section, _, leaf = key.rpartition(".")
-    same = [k for k in valid if k.rpartition(".")[0] == section]
-    alias = f"{section}.{_ALIASES[leaf]}" if section and leaf in _ALIASES else _ALIASES.get(leaf)
-    if alias in valid:
-        return alias
-    for pool in (same, valid):
-        by_leaf = {k.rpartition(".")[2]: k for k in pool}
-        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
-        if leaves:
-            return by_leaf[leaves[0]]
-    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return matches[0] if matches else None
 
 
 def _unknown_key_message(key: str, value: Any, valid: list[str] | None = None) -> str:
@@ -389,7 +316,7 @@ def validate(cfg: Config) -> None:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"config key {key!r} = {value!r} is not one of {', '.join(choices)}.{hint}")
-    positive = ["data.batch_size", "train.epochs", "train.grad_accum", "train.eval_every"]
+    positive = ["data.batch_size", "train.epochs", "train.grad_accum", "train.eval_every", "train.max_nan_skips"]
     non_negative = ["data.eval_batch_size", "data.num_workers", "data.limit_train", "data.limit_eval",
                     "train.max_steps", "train.checkpoint_every", "optim.weight_decay", "optim.warmup_epochs",
                     "optim.clip_value", "optim.clip_norm", "eval.pictures"]
@@ -420,9 +347,10 @@ def validate(cfg: Config) -> None:
     _validate_val_split(cfg)
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty; set it to the data folder, e.g. data.root=data/mnist")
-    for key, value in cfg.model.options.items():  # counts of patches: K, M, I, ...
-        if key in _POSITIVE_MODEL_KEYS and isinstance(value, (int, float)) and value <= 0:
-            raise ConfigError(f"config key 'model.{key}' = {value!r} must be > 0")
+    _validate_ranges(cfg)
+    check_option_values("model", cfg.model.options)  # K, M, I, sizes, probabilities, nested options too
+    check_option_values("data", cfg.data.options)
+    check_option_values("data.generate", cfg.data.generate)
 
 
 def _validate_val_split(cfg: Config) -> None:
@@ -440,8 +368,28 @@ def _validate_val_split(cfg: Config) -> None:
         raise ConfigError("config key 'data.val_split' is empty; use auto, holdout, none or a split name")
 
 
-_POSITIVE_MODEL_KEYS = {"k", "K", "m", "M", "num_selected", "num_patches", "memory_size", "iter_size",
-                        "patch_size", "chunk_size", "num_samples", "stride"}
+_DEVICE = re.compile(r"(auto|cpu|mps|xpu|cuda(:\d+)?)")
+_METRIC = re.compile(r"loss|[^/\s]+/[^/\s]+")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Probabilities, the device and the form of eval.metric; its task and metric are checked later."""
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' = {cfg.optim.betas!r}: each must be in [0, 1), e.g. [0.9, 0.999]")
+    if not 0 <= cfg.optim.momentum <= 1:
+        raise ConfigError(f"config key 'optim.momentum' = {cfg.optim.momentum!r} must be in [0, 1], e.g. 0.9")
+    if not cfg.optim.gamma > 0:
+        raise ConfigError(f"config key 'optim.gamma' = {cfg.optim.gamma!r} must be > 0, e.g. 0.1")
+    if any(m < 0 for m in cfg.optim.milestones):
+        raise ConfigError(f"config key 'optim.milestones' = {cfg.optim.milestones!r}: epochs must be >= 0")
+    for task, weight in cfg.train.task_weights.items():
+        if not weight >= 0:
+            raise ConfigError(f"config key 'train.task_weights.{task}' = {weight!r} must be >= 0")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"config key 'device' = {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if cfg.eval.metric and not _METRIC.fullmatch(cfg.eval.metric):
+        raise ConfigError(f"config key 'eval.metric' = {cfg.eval.metric!r} must look like task/metric (e.g. "
+                          f"majority/accuracy), be loss, or be empty for the first task's first metric")
 
 
 def check_data_root(cfg: Config) -> None:
@@ -464,10 +412,15 @@ def check_builder_options(section: str, name: str, options: dict[str, Any], buil
                           *, supplied: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check free keys against a builder's keyword arguments; returns them typed.
 
-    An unknown key names the closest keyword of `builder`; values are coerced to
-    the keyword's annotation when it is a plain int/float/bool/str/list.
-    `supplied` lists keywords the trainer passes itself (e.g. `tasks`).
+    An unknown key names the closest keyword of `builder` (or of the section's own keys:
+    `data.bach_size` -> `data.batch_size`); values are coerced to the keyword's annotation
+    (plain types, optional, unions, fixed-length tuples, Literals). `supplied` lists keywords
+    hrsel passes itself (e.g. `tasks`); the keywords a `functools.partial` binds count as supplied.
     """
+    if not isinstance(options, dict):
+        raise ConfigError(f"config key {section!r} must be a mapping of options, got {options!r}")
+    if isinstance(builder, functools.partial):
+        supplied, builder = (*supplied, *builder.keywords), builder.func
     try:
         sig = inspect.signature(builder)
     except (TypeError, ValueError):
@@ -475,38 +428,35 @@ def check_builder_options(section: str, name: str, options: dict[str, Any], buil
     params = {p.name: p for p in sig.parameters.values()
               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in supplied}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    try:
-        hints = typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
-    except Exception:  # unresolvable annotations: check names only
-        hints = {}
+    hints = _type_hints(builder)
     out = {}
-    valid = [f"{section}.{p}" for p in params]
     for key, value in options.items():
         full = f"{section}.{key}"
-        if key not in params:
-            if takes_any:
-                out[key] = value
-                continue
-            close = closest_key(full, valid)
-            hint = f" Did you mean {close!r}?" if close else ""
-            raise ConfigError(
-                f"unknown config key {full!r} (value {value!r}) for {section} {name!r}.{hint} "
-                f"Valid keys: {', '.join(valid) or '(none)'}"
-            )
-        hint_t = _plain(hints.get(key, Any))
-        out[key] = _coerce(value, hint_t, full) if hint_t is not Any else value
+        if key in params:
+            out[key] = coerce_option(value, hints.get(key, Any), full)
+        elif takes_any:
+            out[key] = value
+        else:
+            raise ConfigError(_unknown_option_message(section, name, key, value, list(params), supplied))
     return out
 
 
-def _plain(hint: Any) -> Any:
-    """int | None -> int; anything beyond plain types -> Any (left unchecked)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        kinds = [a for a in args if a is not type(None)]
-        if len(kinds) != 1:
-            return Any
-        if any(a is type(None) for a in args):
-            return Any  # optional values may be null: leave them to the builder
-        hint = kinds[0]
-    origin = typing.get_origin(hint) or hint
-    return hint if origin in (int, float, bool, str) else Any
+def _type_hints(builder: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
+    except Exception:  # unresolvable annotations: check names only
+        return {}
+
+
+def _unknown_option_message(section: str, name: str, key: str, value: Any, params: list[str],
+                            supplied: tuple[str, ...]) -> str:
+    full = f"{section}.{key}"
+    valid = [f"{section}.{p}" for p in params]
+    if key in supplied:
+        return (f"config key {full!r} (value {value!r}) is filled in by hrsel for {section} {name!r}; remove it. "
+                f"Valid keys: {', '.join(valid) or '(none)'}")
+    own = [k for k in all_keys() if k.rpartition(".")[0] == section]  # data.batch_size beside the data set's
+    close = closest_key(full, valid + own)
+    hint = f" Did you mean {close!r}?" if close else ""
+    return (f"unknown config key {full!r} (value {value!r}) for {section} {name!r}.{hint} "
+            f"Valid keys: {', '.join(valid) or '(none)'}")

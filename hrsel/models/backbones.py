@@ -7,6 +7,7 @@ narrow ResNet18 layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -160,19 +161,8 @@ class ATSResNet(nn.Module):
         return self.body(x).mean(dim=(2, 3))  # (n, D)
 
 
-@BACKBONES.register("resnet18")
-def _resnet18(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(arch="resnet18", **kwargs)
-
-
-@BACKBONES.register("resnet34")
-def _resnet34(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(arch="resnet34", **kwargs)
-
-
-@BACKBONES.register("resnet50")
-def _resnet50(**kwargs) -> ResNetBackbone:
-    return ResNetBackbone(arch="resnet50", **kwargs)
+for _arch in ("resnet18", "resnet34", "resnet50"):  # a partial keeps ResNetBackbone's keywords checkable by name
+    BACKBONES.register(_arch)(functools.partial(ResNetBackbone, arch=_arch))
 
 
 BACKBONES.register("narrow_resnet")(NarrowResNet)
