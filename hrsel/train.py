@@ -2,11 +2,14 @@
 
     python -m hrsel.train configs/demo.yaml
     python -m hrsel.train configs/mnist.yaml optim.lr=3e-4 train.epochs=10 --device cuda
-    python -m hrsel.train configs/mnist.yaml --resume            # continue runs/mnist from last.pt
+    python -m hrsel.train --resume runs/mnist                  # continue runs/mnist from its last.pt
+    python -m hrsel.train --resume runs/mnist train.epochs=20   # ... for more epochs (a safe change)
+    python -m hrsel.train configs/mnist.yaml --overwrite       # start runs/mnist over; the old one moves aside
     torchrun --nproc_per_node 4 -m hrsel.train configs/camelyon16.yaml
 
-A bad config (unknown key, wrong type, impossible value, missing data folder)
-stops before any work with exit status 2 and a message naming the key.
+A bad config (unknown key, wrong type, impossible value, missing data folder), a busy or
+finished run folder and an unreadable checkpoint stop with exit status 2 and a message naming
+the key, folder or file, before the run folder is written.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ import inspect
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hrsel.config import Config, check_builder_options, check_data_root, dump_config, load_config, save_config
-from hrsel.errors import ConfigError, DataError, HrselError
+from hrsel.config import Config, check_builder_options, check_data_root, dump_config, load_config
+from hrsel.config.checks import check_components, check_eval_metric
+from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError
 
 log = logging.getLogger("hrsel.train")
 
 EXIT_CONFIG = 2
+BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError)  # exit status 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,9 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog="overrides: dotted keys, typed like the YAML value, e.g. optim.lr=3e-4 "
                                        "data.batch_size=8 model.num_selected=50")
     p.add_argument("args", nargs="*", metavar="CONFIG [key.sub=value ...]")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="check the config like a run does, print it resolved and exit (touches no data or disk)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue from RUN_DIR/last.pt (default: the config's run directory)")
+                   help="continue the run in RUN_DIR (or RUN_DIR/x.pt) with the run's own config.yaml; "
+                        "without RUN_DIR: the run folder of CONFIG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run; its files move to <run folder>.replaced-<time>")
     p.add_argument("--output-dir", help="parent of the run directory (config key output_dir)")
     p.add_argument("--seed", type=int, help="config key seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (config key device)")
@@ -46,25 +55,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    """CONFIG + overrides + flags -> validated Config, and the run folder to resume (or None)."""
+@dataclass
+class RunRequest:
+    """What the command line asks for: the config, and how to treat the run folder."""
+
+    cfg: Config
+    checkpoint: Path | None = None  # resume from this file
+    overwrite: bool = False  # start over in a folder holding a run (moving its files aside)
+    changes: list[str] = field(default_factory=list)  # keys a resumed run changed (safe ones only)
+
+    @property
+    def mode(self) -> str:
+        return "resume" if self.checkpoint is not None else "overwrite" if self.overwrite else "new"
+
+
+def resolve_config(args: argparse.Namespace) -> RunRequest:
+    """CONFIG + overrides + flags -> validated config, and the checkpoint to resume from (or None)."""
     config_path = next((a for a in args.args if "=" not in a), None)
     overrides = [a for a in args.args if "=" in a]
     extra = [a for a in args.args if "=" not in a and a != config_path]
     if extra:
         raise ConfigError(f"unexpected arguments {extra}; give one CONFIG file, then key.sub=value overrides")
-    resume = None if args.resume is None else Path(args.resume) if args.resume else None
-    if config_path is None:
-        if resume is None:
-            raise ConfigError("no CONFIG given; usage: python -m hrsel.train configs/demo.yaml [key=value ...]")
-        config_path = str(resume / "config.yaml")
     flags = [f"output_dir={args.output_dir}"] if args.output_dir else []
     flags += [f"seed={args.seed}"] if args.seed is not None else []
     flags += [f"device={args.device}"] if args.device else []
-    cfg = load_config(config_path, overrides + flags)
-    if resume is not None:  # the run folder given to --resume is the run directory
-        cfg.output_dir, cfg.experiment = str(resume.parent), resume.name
-    return cfg, (cfg.run_dir if args.resume is not None else None)
+    if args.resume is None:
+        if config_path is None:
+            raise ConfigError("no CONFIG given; usage: python -m hrsel.train configs/demo.yaml [key=value ...], "
+                              "or python -m hrsel.train --resume runs/NAME")
+        return RunRequest(load_config(config_path, overrides + flags), overwrite=args.overwrite)
+    if args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in its folder, "
+                          "--overwrite starts it over (moving its files aside); give one")
+    return resume_request(args.resume, config_path, overrides + flags)
+
+
+def resume_request(resume: str, config_path: str | None, overrides: list[str]) -> RunRequest:
+    """--resume: the run's own config.yaml, with only the overrides a resumed run may change."""
+    from hrsel.engine import rundir
+
+    if resume:
+        run_dir, checkpoint = rundir.resume_target(resume)
+    elif config_path is None:
+        raise ConfigError("--resume needs the run folder (--resume runs/NAME) or a CONFIG whose run folder "
+                          "(output_dir/experiment) to continue")
+    else:
+        run_dir, checkpoint = rundir.resume_target(load_config(config_path, overrides).run_dir)
+    saved_file = run_dir / "config.yaml"
+    saved = load_config(saved_file)
+    requested = load_config(config_path or saved_file, overrides)
+    preflight(requested)  # typed builder options, so that `1e-3` and 0.001 compare equal
+    cfg, changes = rundir.resume_config(saved, requested, run_dir=run_dir, config_file=saved_file)
+    return RunRequest(cfg, checkpoint=checkpoint, changes=changes)
 
 
 # ----------------------------------------------------------------------------- building
@@ -76,6 +118,7 @@ def preflight(cfg: Config) -> None:
     """
     from hrsel.engine.datagen import GENERATORS
 
+    check_components(cfg)  # every name and nested option (model.aggregator_options.heads, ...), typed
     check_data_root(cfg)
     cfg.data.options = _builder_options("data", cfg.data.name, cfg.data.options, _dataset_builder(cfg.data.name),
                                         supplied=("split", "root"))
@@ -263,36 +306,67 @@ def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def run(cfg: Config, resume_dir: Path | None) -> dict[str, Any]:
+def run(request: RunRequest) -> dict[str, Any]:
+    """Lock the run folder, then train (the folder is written only once every check has passed)."""
+    from hrsel.engine import distributed
+    from hrsel.engine.logbook import setup_logging
+
+    cfg = request.cfg
+    info = distributed.init_distributed(distributed.resolve_device(cfg.device))
+    device = distributed.resolve_device(cfg.device, info.local_rank)
+    setup_logging(None, is_main=info.is_main)
+    lock = claim_run_folder(cfg, info, mode=request.mode)
+    try:
+        return train(request, info, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_folder(cfg: Config, info: Any, *, mode: str) -> Any:
+    """Rank 0 locks the run folder and checks that `mode` may use it; every rank gets its verdict."""
+    from hrsel.engine import distributed, rundir
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = rundir.claim_run_folder(cfg.run_dir, mode=mode)
+        except RunFolderError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error, info)
+    if error is not None:
+        raise RunFolderError(error)
+    return lock
+
+
+def train(request: RunRequest, info: Any, device: Any) -> dict[str, Any]:
     import torch
 
     from hrsel.engine import checkpoint, distributed
-    from hrsel.engine.logbook import setup_logging
     from hrsel.engine.loop import Trainer
+    from hrsel.engine.probe import decide_find_unused
 
-    preflight(cfg)
-    device = distributed.resolve_device(cfg.device)
-    info = distributed.init_distributed(device)
-    device = distributed.resolve_device(cfg.device, info.local_rank)
-    run_dir = cfg.run_dir
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    distributed.barrier(info)
-    setup_logging(run_dir, is_main=info.is_main)
+    cfg, run_dir = request.cfg, request.cfg.run_dir
+    state = None  # the checkpoint is read before any data work: a bad one fails in a second, not after hours
+    if request.checkpoint is not None:
+        state = checkpoint.load_checkpoint(request.checkpoint, require=checkpoint.TRAINING_KEYS)
     prepare_data(cfg, info)
     torch.manual_seed(cfg.seed + info.rank)
     collate = load_collate()
     splits = build_datasets(cfg)
-    record_validation(splits, run_dir / "validation.json", resuming=resume_dir is not None, write=info.is_main)
+    check_eval_metric(cfg, splits.train.tasks)  # the tasks are known now; nothing is trained or written yet
+    record_validation(splits, run_dir / "validation.json", resuming=state is not None, write=False)
     pipeline = build_pipeline(cfg, splits.train.tasks).to(device)
-    dry_run(cfg, pipeline, splits.test if splits.val is None else splits.val, collate)
+    probe_set = splits.test if splits.val is None else splits.val
+    dry_run(cfg, pipeline, probe_set, collate)
+    write_run_folder(request, splits, info)
+    loop_cfg = decide_find_unused(cfg, pipeline, probe_set, collate, info, tasks=splits.train.tasks)
     torch.manual_seed(cfg.seed + info.rank)
-    trainer = Trainer(cfg=cfg, pipeline=pipeline, tasks=splits.train.tasks, train_set=splits.train,
+    trainer = Trainer(cfg=loop_cfg, pipeline=pipeline, tasks=splits.train.tasks, train_set=splits.train,
                       val_set=splits.val, test_set=splits.test, device=device, info=info, run_dir=run_dir,
                       collate_fn=collate)
-    if resume_dir is not None:
-        trainer.resume(checkpoint.load_checkpoint(resume_dir))
+    if state is not None:
+        resume_trainer(trainer, state, request.checkpoint)
     log.info("run %s: %d train / %s / %d test items, %s on %s, %d updates", run_dir, len(trainer.train_set),
              "no validation" if trainer.val_set is None else f"{len(trainer.val_set)} validation",
              len(trainer.test_set), cfg.model.name, device, trainer.total_steps)
@@ -304,6 +378,46 @@ def run(cfg: Config, resume_dir: Path | None) -> dict[str, Any]:
         distributed.cleanup()
     result["is_main"] = info.is_main
     return result
+
+
+def write_run_folder(request: RunRequest, splits: Splits, info: Any) -> None:
+    """Rank 0 writes the run folder now that every check passed: config.yaml, validation.json, train.log.
+
+    With --overwrite the earlier run's files first move to `<run folder>.replaced-<time>/`.
+    A resumed run keeps its config.yaml (and validation.json) unless a safe override changed it.
+    """
+    from hrsel.engine import distributed, rundir
+    from hrsel.engine.checkpoint import atomic_write
+    from hrsel.engine.logbook import setup_logging
+
+    cfg, run_dir = request.cfg, request.cfg.run_dir
+    moved = None
+    if info.is_main:
+        if request.overwrite:
+            moved = rundir.move_previous_run(run_dir)
+        if request.checkpoint is None or request.changes:
+            text = dump_config(cfg)
+            atomic_write(run_dir / "config.yaml", lambda f: f.write(text), text=True)
+        validation = run_dir / "validation.json"
+        record_validation(splits, validation, resuming=False, write=request.checkpoint is None
+                          or not validation.is_file())
+    distributed.barrier(info)
+    setup_logging(run_dir, is_main=info.is_main)
+    if moved is not None:
+        log.warning("--overwrite: the previous run of %s was moved to %s", run_dir, moved)
+    for change in request.changes:
+        log.info("resumed with %s (a key a resumed run may change; the rest is the run's config.yaml)", change)
+
+
+def resume_trainer(trainer: Any, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint into the trainer; one that does not fit the pipeline names the file."""
+    try:
+        trainer.resume(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = " ".join(str(e).split())[:400] or type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the pipeline built from "
+                              f"{path.parent / 'config.yaml'}: {first}. It was written by another model or "
+                              f"version of hrsel; resume from a checkpoint of this run, or start a new run") from None
 
 
 def report(result: dict[str, Any]) -> None:
@@ -324,12 +438,16 @@ def report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, resume_dir = resolve_config(args)
+        request = resolve_config(args)
+        from hrsel.engine.distributed import check_device
+
+        preflight(request.cfg)  # builder options and the data folder: no data read, nothing written
+        check_device(request.cfg.device)
         if args.print_config:
-            print(dump_config(cfg), end="")
+            print(dump_config(request.cfg), end="")
             return 0
-        result = run(cfg, resume_dir)
-    except (ConfigError, DataError) as e:
+        result = run(request)
+    except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except HrselError as e:

@@ -70,13 +70,14 @@ def collate(items):
 
 
 class ToyPipeline(Pipeline):
-    def __init__(self, *, tasks, k=2, dim=16, nan_after=0):
+    def __init__(self, *, tasks, k=2, dim=16, nan_after=0, bn=False):
         super().__init__()
         self.k, self.nan_after, self.calls = k, nan_after, 0
         self.embed = nn.Linear(64, dim)
         self.score = nn.Linear(dim, 1)
         self.drop = nn.Dropout(0.1)
         self.heads = nn.ModuleDict({t: nn.Linear(16, s.num_classes) for t, s in tasks.items()})
+        self.norm = nn.BatchNorm1d(16) if bn else nn.Identity()  # running statistics: what a resume must keep
 
     def forward(self, images):
         x = images.float() / 255                                     # (B, 1, 32, 32)
@@ -84,7 +85,7 @@ class ToyPipeline(Pipeline):
         patches = x.unfold(2, 8, 8).unfold(3, 8, 8).reshape(b, 16, 64)  # (B, N=16, 64) raster order
         s = self.score(torch.relu(self.embed(patches))).squeeze(-1)  # (B, N)
         idx = s.topk(self.k, dim=1).indices.sort(dim=1).values       # (B, K)
-        z = self.drop(4 * patches.mean(-1) * (1 + torch.sigmoid(s)))  # (B, N) patch brightness, gated
+        z = self.norm(self.drop(4 * patches.mean(-1) * (1 + torch.sigmoid(s))))  # (B, N) brightness, gated
         logits = {t: head(z) for t, head in self.heads.items()}
         self.calls += int(self.training)
         if self.nan_after and self.training and self.calls > self.nan_after:
@@ -261,6 +262,57 @@ def test_sigterm_saves_a_checkpoint_and_exits(toy, tmp_path):
     assert "SIGTERM" in out.stderr and "--resume" in out.stderr
     state = torch.load(tmp_path / "r" / "toy" / "last.pt", weights_only=False)["train_state"]
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 2, 2)
+
+
+TIMING = ("ms_per_batch", "images_per_s", "patches_per_s", "peak_memory_mb", "epoch_s")
+
+
+def same_rows(run_a: Path, run_b: Path) -> None:
+    """metrics.csv of two runs agree on every column but the timings."""
+    rows_a, rows_b = all_rows(run_a), all_rows(run_b)
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for key in a.keys() - set(TIMING):
+            if a[key] == "" or b[key] == "":
+                assert a[key] == b[key], (a["epoch"], key)
+            else:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-7), (a["epoch"], key, a, b)
+
+
+BN_RUN = ("model.bn=true", "train.epochs=2", "eval.pictures=0")
+
+
+@pytest.fixture(scope="module")
+def bn_reference(toy, tmp_path_factory):
+    """An uninterrupted 2-epoch run of the toy with BatchNorm."""
+    script, config = toy
+    out_dir = tmp_path_factory.mktemp("bn_reference")
+    out = run_toy(script, config, f"--output-dir={out_dir}", *BN_RUN)
+    assert out.returncode == 0, out.stderr
+    return out_dir / "toy"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_then_resume_matches_uninterrupted_with_batchnorm(toy, bn_reference, tmp_path, signum):
+    """A signal during batch 3 of epoch 1 stops before that batch's forward pass: BatchNorm statistics
+    of the interrupted batch are not in last.pt, so the resumed run retraces the uninterrupted one."""
+    script, config = toy
+    common = BN_RUN
+    out = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", "train.checkpoint_every=0", *common,
+                  env={"TOY_KILL_AT": "20", "TOY_SIGNAL": str(int(signum))})
+    assert out.returncode == 128 + signum, out.stderr
+    assert signal.Signals(signum).name in out.stderr and "--resume" in out.stderr
+    state = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 2, 2)
+    resumed = run_toy(script, config, f"--output-dir={tmp_path / 'b'}", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    same_rows(bn_reference, tmp_path / "b" / "toy")
+    wa = torch.load(bn_reference / "last.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "toy" / "last.pt", weights_only=False)["model"]
+    assert "norm.running_mean" in wa
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0, msg=name)
 
 
 def test_non_finite_loss_stops_or_is_skipped(toy, tmp_path):

@@ -6,6 +6,7 @@ each pipeline then trains for two updates, evaluates, draws a picture and checkp
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from hrsel.train import main
+
+from fixtures_data import write_mnist_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CNN = "{width: 8, strides: [2, 2, 2, 2], blocks: [1, 1, 1, 1]}"
@@ -35,9 +38,12 @@ PIPELINES = {
 def tiny_mnist(tmp_path_factory):
     from hrsel.engine.datagen import generate_megapixel_mnist
 
-    root = tmp_path_factory.mktemp("mnist") / "megapixel"
-    digits = "mnist" if os.environ.get("HRSEL_MNIST_DIR") else "rendered"
-    generate_megapixel_mnist(str(root), width=128, height=128, n_train=8, n_test=4, n_noise=1, digits=digits)
+    base = tmp_path_factory.mktemp("mnist")
+    idx = write_mnist_idx(base / "idx")  # tiny IDX files in MNIST's exact format: no real MNIST needed
+    root = base / "megapixel"
+    generate_megapixel_mnist(str(root), width=128, height=128, n_train=8, n_test=4, n_noise=1, digits="mnist",
+                             mnist_dir=str(idx), download=False)
+    assert json.loads((root / "parameters.json").read_text())["digits"] == "mnist"  # the IDX files, not a font
     return root
 
 

@@ -6,15 +6,19 @@ CPU: model, optimiser, grad scaler, step / epoch / batch position in the epoch
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
+
+from hrsel.errors import CheckpointError, RunWriteError
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +47,86 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda f: _copy_into(src, f))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: bool = False) -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync, then rename it over `path`.
+
+    A failed write (disk full, no permission) leaves `path` as it was, removes the temp
+    file and raises one `RunWriteError` naming the file, the reason and the free space.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _torch_write_failure(e):
+            raise
+        raise write_error(path, e) from None
+    finally:
+        _remove_quietly(tmp)
+
+
+def write_error(path: Path, error: BaseException) -> RunWriteError:
+    """The one error a failed write of a run file raises: what, why, free space, what is kept, the fix."""
+    folder = path.parent
+    reason = _reason(error)
+    kept = (f"the previous {path.name} is unchanged" if path.exists()
+            else f"no partial {path.name} was left behind")
+    fix = ("free space on that disk (or move the run to another output_dir)" if _no_space(error)
+           else "make the folder writable and check the disk")
+    return RunWriteError(f"cannot write {path}: {reason}; {_free_space(folder)} free on the disk of run folder "
+                         f"{folder}; {kept}. {fix.capitalize()}, then continue the run with --resume")
+
+
+def _copy_into(src: str | os.PathLike, f: IO) -> None:
+    with open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
+
+
+def _torch_write_failure(error: RuntimeError) -> bool:
+    """torch.save reports a failed write (disk full) as a RuntimeError of its zip writer."""
+    text = str(error)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text
+
+
+def _no_space(error: BaseException) -> bool:
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(error)
+
+
+def _reason(error: BaseException) -> str:
+    if _no_space(error):
+        return "no space left on the device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        log.warning("could not remove the temporary file %s; delete it by hand", path)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], *, is_best: bool = False) -> Path:
@@ -74,13 +140,47 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], *, is_bes
     return last
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint file, or `last.pt` of a run folder, onto the CPU."""
+TRAINING_KEYS = ("model", "optimizer", "scaler", "train_state", "rng")  # what Trainer.save writes
+
+
+def load_checkpoint(path: str | os.PathLike, *, require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint file, or `last.pt` of a run folder, onto the CPU.
+
+    A missing, empty, truncated or foreign file (not a dict holding the keys `require`)
+    raises `CheckpointError` naming the file and the checkpoints that may be used instead.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / LAST
     if not path.is_file():
-        from hrsel.errors import ConfigError
+        raise CheckpointError(f"no checkpoint at {str(path)!r}; --resume expects a run folder holding {LAST} "
+                              f"(or a checkpoint file in one){_instead(path)}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, ValueError, OSError, pickle.UnpicklingError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError) as e:
+        size = path.stat().st_size
+        what = "empty" if size == 0 else f"truncated, corrupt or not a torch checkpoint ({size} bytes)"
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: the file is {what}; torch.load said: "
+                              f"{_first_line(e)}{_instead(path)}") from None
+    missing = [k for k in require if not isinstance(state, dict) or k not in state]
+    if missing:
+        held = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a hrsel training checkpoint: it lacks "
+                              f"{', '.join(missing)} (it holds {held}){_instead(path)}")
+    return state
 
-        raise ConfigError(f"no checkpoint at {str(path)!r}; --resume expects a run folder holding {LAST}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+
+def _instead(path: Path) -> str:
+    """Which other checkpoint of the run folder a person may resume from."""
+    others = [p for p in (path.parent / LAST, path.parent / BEST) if p != path and p.is_file()]
+    if others:
+        return (f". Resume from another checkpoint of the run instead, e.g. --resume {others[0]} "
+                f"(training continues from the step it holds), or restore {path.name} from a backup")
+    return f". Restore {path.name} from a backup, or start the run again with --overwrite"
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first sentence (torch's zip reader adds a paragraph of advice after it)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text.split('. ')[0][:200]}"

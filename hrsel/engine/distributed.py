@@ -40,6 +40,35 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def check_device(name: str) -> None:
+    """Config key `device`: auto, cpu, cuda, cuda:N of a GPU this machine has, or mps where there is one."""
+    from hrsel.errors import ConfigError
+
+    if name == "auto":
+        return
+    valid = "auto, cpu, cuda, cuda:N (N < the number of GPUs) or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device' = {name!r} is not a device; use {valid}, e.g. --device cuda:0") \
+            from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config key 'device' = {name!r}, but torch sees no CUDA GPU on this machine (torch "
+                              f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"config key 'device' = {name!r}, but this machine has {count} CUDA GPU(s): "
+                              f"cuda:0 to cuda:{count - 1}")
+        return
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and mps is not None and mps.is_available():
+        return
+    raise ConfigError(f"config key 'device' = {name!r}: not a device hrsel trains on here; use {valid}")
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:

@@ -7,16 +7,20 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import torch
 
+from hrsel.engine.checkpoint import atomic_write
+
 log = logging.getLogger(__name__)
+
+
+FILE_ONLY = {"file_only": True}  # `log.error(..., extra=FILE_ONLY)`: for train.log, not stderr (the CLI prints it)
 
 
 def setup_logging(run_dir: Path | None, *, is_main: bool, level: int = logging.INFO) -> None:
@@ -28,13 +32,26 @@ def setup_logging(run_dir: Path | None, *, is_main: bool, level: int = logging.I
             handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
     if is_main and run_dir is not None:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(_RunLogFile(run_dir / "train.log"))
     for handler in handlers:
         handler.setFormatter(fmt)
         handler._hrsel = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level if is_main else logging.WARNING)
+
+
+class _RunLogFile(logging.FileHandler):
+    """train.log; when it cannot be written (disk full) it says so once instead of a traceback per line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"hrsel: cannot write {self.baseFilename} ({error}); it misses the lines from here\n")
 
 
 def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
@@ -86,6 +103,14 @@ class Throughput:
         self.images += images
         self.patches += patches
 
+    def state_dict(self) -> dict[str, float]:
+        """The epoch's totals so far (kept in checkpoints: a resumed epoch reports the whole epoch)."""
+        return {"seconds": self.seconds, "batches": self.batches, "images": self.images, "patches": self.patches}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.seconds, self.batches = float(state["seconds"]), int(state["batches"])
+        self.images, self.patches = int(state["images"]), float(state["patches"])
+
     def summary(self) -> dict[str, float]:
         s = max(self.seconds, 1e-9)
         return {"ms_per_batch": 1000 * s / max(self.batches, 1), "images_per_s": self.images / s,
@@ -124,12 +149,7 @@ class RunLog:
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: _write_csv(f, columns, self.rows), text=True)
         self.scalars({k: v for k, v in row.items() if k not in ("epoch", "step")}, int(row["step"]), "epoch/")
         if self.writer is not None:
             self.writer.flush()
@@ -138,6 +158,12 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _write_csv(f: IO, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def _tensorboard_writer(path: Path):

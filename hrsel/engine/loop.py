@@ -13,7 +13,10 @@ epoch (`test/...`) and best.pt is selected on it, the optimistic pre-validation 
 
 Data order is a function of (seed, epoch) and the RNG states are checkpointed, so a
 run killed at any point and resumed from its last checkpoint retraces the
-uninterrupted run exactly on the CPU (with `data.num_workers: 0`).
+uninterrupted run exactly on the CPU (with `data.num_workers: 0`). SIGINT/SIGTERM stop
+the run before the next batch's forward pass (training or evaluation) at a checkpoint
+that resumes just as exactly; the epoch's training is checkpointed before it is
+evaluated, so a crash or a stop while evaluating loses no training (see guards.py).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,26 +36,19 @@ from hrsel.config import Config
 from hrsel.engine import checkpoint as ckpt
 from hrsel.engine import distributed as dist
 from hrsel.engine import metrics as M
-from hrsel.engine.logbook import RunLog, Throughput, epoch_line, peak_memory_mb, progress, reset_peak_memory
+from hrsel.engine.guards import (Interrupted, NonFiniteLossError, batches_on_every_rank, copy_buffers,
+                                 first_non_finite, restore_buffers)
+from hrsel.engine.logbook import (FILE_ONLY, RunLog, Throughput, epoch_line, peak_memory_mb, progress,
+                                  reset_peak_memory)
 from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, schedule_steps, set_lr
-from hrsel.engine.visualize import layout_for, save_selection_picture
+from hrsel.engine.visualize import draw_batch
 from hrsel.errors import HrselError
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(HrselError, RuntimeError):
-    """The loss became nan/inf; the last good checkpoint is kept."""
-
-
-class Interrupted(HrselError):
-    """SIGINT/SIGTERM arrived; a checkpoint was written before stopping."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}; resume with --resume")
-        self.signum = signum
+__all__ = ["Interrupted", "NonFiniteLossError", "TrainState", "Trainer"]
 
 
 @dataclass
@@ -65,6 +61,8 @@ class TrainState:
     best_epoch: int = 0  # the epoch (1-based, as in metrics.csv) and the step of best.pt
     best_step: int = 0
     nan_skips: int = 0
+    nan_streak: int = 0  # batches in a row whose loss was non-finite (train.max_nan_skips bounds it)
+    eval_pending: bool = False  # the epoch's training is done and checkpointed, its evaluation is not
 
 
 class Trainer:
@@ -90,6 +88,8 @@ class Trainer:
         self.throughput = Throughput(device)
         self._stop_signal = 0
         self._boundary_rng = ckpt.rng_state()
+        self._boundary: tuple | None = None  # (buffers, sums, state) at the last update, with grad_accum > 1
+        self._saved_step: int | None = None  # the step of the last.pt this run wrote or resumed from
         self.sums: dict[str, float] = {}
 
     # ------------------------------------------------------------------ sizes
@@ -110,7 +110,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.state.epoch < self.cfg.train.epochs and not self._done():
+            while self.state.eval_pending or (self.state.epoch < self.cfg.train.epochs and not self._done()):
                 self.run_epoch()
             weights = self._load_best()
             metrics = self.final_test(weights)
@@ -118,6 +118,9 @@ class Trainer:
                     "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
                     "step": self.state.step,
                     "run_dir": str(self.run_dir), "pictures": str(self.run_dir / "pictures")}
+        except Exception as e:
+            self._log_failure(e)
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -127,14 +130,15 @@ class Trainer:
         epoch, started = self.state.epoch, time.perf_counter()
         self.model.train()
         reset_peak_memory(self.device)
-        self.throughput.reset()
         if self.state.batch_in_epoch == 0:
             self.sums = {}  # per-epoch sums of the logged values (kept in checkpoints for a resumed epoch)
-        for batch in progress(self._train_loader(), total=self._batches_left(),
-                              desc=f"epoch {epoch + 1}", enabled=self._bar()):
-            self.train_batch(batch)
-            if self._done():
-                break
+            self.throughput.reset()
+        if not self.state.eval_pending:  # else resumed between the epoch's training and its evaluation
+            for batch in progress(self._train_loader(), total=self._batches_left(),
+                                  desc=f"epoch {epoch + 1}", enabled=self._bar()):
+                self.train_batch(batch)
+                if self._done():
+                    break
         row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"]}
         row.update(self._reduce_means(self.sums))
         row.update(self.throughput.summary())
@@ -142,37 +146,55 @@ class Trainer:
         row["nan_skips"] = self.state.nan_skips
         metrics: dict[str, float] = {}
         if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == self.cfg.train.epochs or self._done():
-            metrics = self.evaluate(self.test_set if self.val_set is None else self.val_set)
+            metrics = self._evaluate_epoch()
             row.update({f"{self.selection}/{k}": v for k, v in metrics.items()})
         row["epoch_s"] = time.perf_counter() - started
         if self.state.batch_in_epoch >= self.batches_per_epoch:  # else stopped by train.max_steps mid-epoch
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
         self._boundary_rng = ckpt.rng_state()
-        self.save(is_best=self._is_best(metrics, epoch=epoch + 1))
-        if self.info.is_main:
+        is_best = self._is_best(metrics, epoch=epoch + 1)
+        if self.info.is_main:  # the row first: if last.pt cannot be written, --resume redoes this epoch's row
             self.runlog.epoch(row)
             log.info(epoch_line(epoch + 1, self.cfg.train.epochs, row))
+        self.save(is_best=is_best)
+        return metrics
+
+    def _evaluate_epoch(self) -> dict[str, float]:
+        """Checkpoint the epoch's training, then evaluate: a crash or a stop while evaluating loses no
+        training, and --resume evaluates the epoch again."""
+        self.state.eval_pending = True
+        self._boundary_rng = ckpt.rng_state()
+        self.save()
+        metrics = self.evaluate(self.test_set if self.val_set is None else self.val_set)
+        self.state.eval_pending = False
         return metrics
 
     def train_batch(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One micro-batch: forward, loss, backward; an optimiser update every grad_accum batches."""
+        """One micro-batch: forward, loss, backward; an optimiser update every grad_accum batches.
+
+        A stop asked for by a signal is honoured before the forward pass (which would move
+        BatchNorm statistics), at the last update: the resumed run redoes the rest exactly.
+        """
         accum, done = self.cfg.train.grad_accum, self.state.batch_in_epoch + 1
+        if self._any_rank(self._stop_signal != 0):
+            self._stop()
+        if accum > 1 and self.state.batch_in_epoch % accum == 0:  # what a stop before the next update restores
+            self._boundary = (copy_buffers(self.module), dict(self.sums), replace(self.state))
         boundary = done % accum == 0 or done == self.batches_per_epoch  # an epoch ends with a (partial) update
         self.module.set_progress(self.state.step, max(self.total_steps, 1))
         images, targets = self._to_device(batch)
         self.throughput.start()
+        before = copy_buffers(self.module) if self.cfg.train.skip_nan_updates else None
         with self._maybe_no_sync(not boundary), self._autocast():
             out: PipelineOutput = self.model(images)
             loss, parts = M.multitask_loss(out.logits, targets, self.tasks, task_weights=self.cfg.train.task_weights,
                                            class_weights=self.class_weights)
             loss = loss + self.module.auxiliary_loss(out, targets)
-            bad, stop = self._sync_flags(not torch.isfinite(loss).item(), self._stop_signal != 0)
-            if stop:
-                self._stop()
-            if bad:
-                return self._non_finite(loss)
+            if self._any_rank(not torch.isfinite(loss).item()):
+                return self._non_finite(loss, buffers=before)
             self.scaler.scale(loss / accum).backward()
         self.state.batch_in_epoch += 1
+        self.state.nan_streak = 0
         if boundary:
             self._update()
         n = len(batch["ids"])  # stats["patches_scored"] counts the patches scored per image
@@ -221,9 +243,12 @@ class Trainer:
         targets: dict[str, list] = {t: [] for t in self.tasks}
         drawn = 0
         cuda = self.device.type == "cuda"
+        common = batches_on_every_rank(len(dataset), batch_size=loader.batch_size, info=self.info)
         with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
             torch.manual_seed(self.cfg.seed + 1)  # evaluation does not disturb the training RNG
-            for batch in progress(loader, total=len(loader), desc="eval", enabled=self._bar()):
+            for i, batch in enumerate(progress(loader, total=len(loader), desc="eval", enabled=self._bar())):
+                if i < common and self._any_rank(self._stop_signal != 0):
+                    self._stop_evaluating(final=pictures == "test/")
                 images, y = self._to_device(batch)
                 with self._autocast():
                     out = self.model(images)
@@ -243,25 +268,8 @@ class Trainer:
         return result
 
     def _draw(self, batch: dict[str, Any], out: PipelineOutput, limit: int, prefix: str) -> int:
-        from hrsel.models.bags import is_feature_bags
-
-        if is_feature_bags(batch["images"]):  # no pixels to draw on
-            return limit
-        folder = self.run_dir / "pictures"
-        n = min(limit, len(batch["ids"]))
-        preds = {t: M.predictions(out.logits[t].float().cpu(), spec) for t, spec in self.tasks.items()}
-        truth = {t: _readable(batch["targets"][t], spec) for t, spec in self.tasks.items()}
-        for i in range(n):
-            image = batch["images"][i]
-            scores = None if out.scores is None else out.scores[i].float().cpu().numpy()
-            indices = None if out.indices is None else out.indices[i].cpu().numpy()
-            num = len(scores) if scores is not None else (int(indices.max()) + 1 if indices is not None else 1)
-            title = f"{batch['ids'][i]}\n" + "\n".join(
-                f"{t}: predicted {preds[t][i]}, true {truth[t][i]}" for t in self.tasks)
-            save_selection_picture(folder / f"{prefix}{_safe(batch['ids'][i])}.png", image,
-                                   layout=layout_for(self.module, image, num), scores=scores, indices=indices,
-                                   title=title)
-        return n
+        return draw_batch(self.run_dir / "pictures", prefix, pipeline=self.module, batch=batch, out=out,
+                          tasks=self.tasks, limit=limit)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, *, is_best: bool = False) -> None:
@@ -269,15 +277,20 @@ class Trainer:
             return
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "rng": self._boundary_rng,
-                 "epoch_sums": dict(self.sums), "total_steps": self.total_steps}
+                 "epoch_sums": dict(self.sums), "total_steps": self.total_steps,
+                 "throughput": self.throughput.state_dict()}
         ckpt.save_checkpoint(self.run_dir, state, is_best=is_best)
+        self._saved_step = self.state.step
 
     def resume(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
+        self._saved_step = self.state.step
         self.sums = dict(state.get("epoch_sums", {})) if self.state.batch_in_epoch else {}
+        if self.state.batch_in_epoch and "throughput" in state:
+            self.throughput.load_state_dict(state["throughput"])
         ckpt.set_rng_state(state["rng"])
         self._boundary_rng = state["rng"]
         self.runlog.resume(self.state.epoch)
@@ -334,30 +347,66 @@ class Trainer:
         targets = {t: v.to(self.device, non_blocking=True) for t, v in batch["targets"].items()}
         return images, targets
 
-    def _sync_flags(self, bad: bool, stop: bool) -> tuple[bool, bool]:
-        flags = dist.all_reduce_sum(torch.tensor([float(bad), float(stop)]), self.info)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` on any rank (every rank calls this at the same point)."""
+        return bool(dist.all_reduce_sum(torch.tensor([float(flag)]), self.info)[0] > 0)
 
-    def _non_finite(self, loss: torch.Tensor) -> dict[str, float]:
+    def _non_finite(self, loss: torch.Tensor, *, buffers: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """Stop, or (train.skip_nan_updates) skip the batch without a trace, up to train.max_nan_skips in a row."""
+        where = f"epoch {self.state.epoch + 1}, step {self.state.step}"
         if not self.cfg.train.skip_nan_updates:
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self.state.step}; the last good "
-                f"checkpoint is kept in {self.run_dir}. Lower optim.lr, set optim.clip_norm, or set "
-                f"train.skip_nan_updates=true to skip such updates")
+                f"loss is {loss.item()} at {where}; the last good checkpoint is kept in {self.run_dir}. Lower "
+                f"optim.lr, set optim.clip_norm, or set train.skip_nan_updates=true to skip such updates")
+        if buffers is not None:
+            restore_buffers(self.module, buffers)  # the skipped batch leaves no nan in BatchNorm statistics
         self.optimizer.zero_grad(set_to_none=True)
         self.state.nan_skips += 1
+        self.state.nan_streak += 1
         self.state.batch_in_epoch += 1
+        limit = self.cfg.train.max_nan_skips
+        if self.state.nan_streak >= limit:
+            raise NonFiniteLossError(
+                f"the loss was non-finite ({loss.item()}) for {self.state.nan_streak} batches in a row, up to "
+                f"{where} ({self.state.nan_skips} skipped in all): the model is not recovering, so the run stops "
+                f"at train.max_nan_skips = {limit}. {self.run_dir / ckpt.LAST} keeps the last checkpoint. Lower "
+                f"optim.lr or set optim.clip_norm (or raise train.max_nan_skips)")
         log.warning("non-finite loss at step %d: update skipped (%d so far)", self.state.step, self.state.nan_skips)
         return {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
+        self._stop_signal = signum  # only a flag: the loop checks it between batches (no I/O in a handler)
 
     def _stop(self) -> None:
-        """Save the state at the last update boundary and leave (the resumed run redoes the rest)."""
-        self.state.batch_in_epoch -= self.state.batch_in_epoch % self.cfg.train.grad_accum
+        """Save the state at the last update and leave (the resumed run redoes the rest)."""
+        if self.state.batch_in_epoch % self.cfg.train.grad_accum and self._boundary is not None:
+            buffers, self.sums, self.state = self._boundary  # between updates: back to the last one
+            restore_buffers(self.module, buffers)
         self.save()
-        raise Interrupted(self._stop_signal or signal.SIGTERM)
+        raise Interrupted(self._stop_signal or signal.SIGTERM,
+                          where=f"after {self.state.batch_in_epoch} batches of epoch {self.state.epoch + 1}",
+                          kept=f"{self.run_dir / ckpt.LAST} holds step {self.state.step}")
+
+    def _stop_evaluating(self, *, final: bool) -> None:
+        """A signal during evaluation: leave now; last.pt (written before evaluating) is kept as it is."""
+        if final:
+            where, kept = "while scoring the test split", "last.pt holds the finished training"
+        else:
+            where = f"while evaluating epoch {self.state.epoch + 1}"
+            kept = "last.pt holds that epoch's training, and the resumed run evaluates it again"
+        raise Interrupted(self._stop_signal or signal.SIGTERM, where=where, kept=f"{kept} ({self.run_dir})")
+
+    def _log_failure(self, error: Exception) -> None:
+        """Put what stopped the run into train.log (the CLI prints the message; a crash's traceback too)."""
+        where = f"epoch {self.state.epoch + 1}, step {self.state.step}"
+        if isinstance(error, HrselError):
+            level = logging.WARNING if isinstance(error, Interrupted) else logging.ERROR
+            log.log(level, "run stopped at %s: %s", where, error, extra=FILE_ONLY)
+            return
+        last = self.run_dir / ckpt.LAST
+        kept = f"{last} holds step {self._saved_step}" if self._saved_step is not None else "no checkpoint yet"
+        log.error("run crashed at %s%s (%s); fix the cause, then continue with --resume", where,
+                  ", evaluating" if self.state.eval_pending else "", kept, exc_info=error, extra=FILE_ONLY)
 
     def _is_best(self, metrics: dict[str, float], *, epoch: int) -> bool:
         if not metrics:
@@ -365,11 +414,24 @@ class Trainer:
         key = self._selection_metric(metrics)
         value, lower = metrics[key], key.endswith("loss")
         better = self.state.best is None or (value < self.state.best if lower else value > self.state.best)
-        if better and math.isfinite(value):
+        if better and math.isfinite(value) and not self._unfit_for_best(key, value):
             self.state.best, self.state.best_metric = value, key
             self.state.best_epoch, self.state.best_step = epoch, self.state.step
             return True
         return False
+
+    def _unfit_for_best(self, key: str, value: float) -> bool:
+        """A model whose last batches were skipped for a non-finite loss, or that holds nan/inf, is no best.pt."""
+        bad = first_non_finite(self.module)
+        if self.state.nan_streak:
+            why = f"its last {self.state.nan_streak} batches had a non-finite loss and were skipped"
+        elif bad is not None:
+            why = f"its {bad} holds nan/inf"
+        else:
+            return False
+        log.warning("%s %s = %.4g would be the best so far, but %s: best.pt is not written from this model",
+                    self.selection, key, value, why)
+        return True
 
     def _selection_metric(self, metrics: dict[str, float]) -> str:
         key = self.cfg.eval.metric or next(k for k in metrics if k != "loss")
@@ -382,8 +444,8 @@ class Trainer:
         """Put best.pt's weights into the model; returns which weights the test set is scored with."""
         dist.barrier(self.info)  # rank 0 has written best.pt
         if self.state.best is None:
-            log.warning("no finite %s metric was seen, so there is no best.pt of this run: the test set is "
-                        "scored with the last weights", self.selection)
+            log.warning("no finite %s metric of a finite model was seen, so there is no best.pt of this run: the "
+                        "test set is scored with the last weights", self.selection)
             return f"the last weights (step {self.state.step})"
         best = ckpt.load_checkpoint(self.run_dir / ckpt.BEST)
         if self.state.best_epoch and best["train_state"]["step"] != self.state.best_step:
@@ -459,13 +521,3 @@ def _class_weights(dataset, tasks: dict[str, TaskSpec]) -> dict[str, torch.Tenso
             else:
                 counts[t] += y.double().reshape(-1)
     return {t: M.class_balanced_weights(counts[t], spec, len(dataset)) for t, spec in tasks.items()}
-
-
-def _readable(target: torch.Tensor, spec: TaskSpec) -> Any:
-    if spec.kind == "multilabel":
-        return [torch.nonzero(row > 0.5).flatten().tolist() for row in target]
-    return target.reshape(len(target), -1)[:, 0].long().tolist() if spec.kind == "binary" else target.tolist()
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:60]

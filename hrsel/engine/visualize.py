@@ -141,3 +141,39 @@ def save_selection_picture(path: str | Path, image: Any, *, layout: PatchLayout,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def draw_batch(folder: Path, prefix: str, *, pipeline: Any, batch: dict[str, Any], out: Any,
+               tasks: dict[str, Any], limit: int) -> int:
+    """Draw up to `limit` images of an evaluation batch to folder/<prefix><id>.png; returns how many.
+
+    Each picture: the image, the pipeline's score map, the selected patches and, per task, the
+    prediction and the truth. Feature bags have no pixels: nothing is drawn (returns `limit`).
+    """
+    from hrsel.engine.metrics import predictions
+    from hrsel.models.bags import is_feature_bags
+
+    if is_feature_bags(batch["images"]):
+        return limit
+    n = min(limit, len(batch["ids"]))
+    preds = {t: predictions(out.logits[t].float().cpu(), spec) for t, spec in tasks.items()}
+    truth = {t: _readable(batch["targets"][t], spec) for t, spec in tasks.items()}
+    for i in range(n):
+        image = batch["images"][i]
+        scores = None if out.scores is None else out.scores[i].float().cpu().numpy()
+        indices = None if out.indices is None else out.indices[i].cpu().numpy()
+        num = len(scores) if scores is not None else (int(indices.max()) + 1 if indices is not None else 1)
+        title = f"{batch['ids'][i]}\n" + "\n".join(f"{t}: predicted {preds[t][i]}, true {truth[t][i]}" for t in tasks)
+        save_selection_picture(Path(folder) / f"{prefix}{_safe(batch['ids'][i])}.png", image,
+                               layout=layout_for(pipeline, image, num), scores=scores, indices=indices, title=title)
+    return n
+
+
+def _readable(target: torch.Tensor, spec: Any) -> Any:
+    if spec.kind == "multilabel":
+        return [torch.nonzero(row > 0.5).flatten().tolist() for row in target]
+    return target.reshape(len(target), -1)[:, 0].long().tolist() if spec.kind == "binary" else target.tolist()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:60]
