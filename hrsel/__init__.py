@@ -34,4 +34,13 @@ __all__ = [
     "SelectionError",
     "UnsupportedFormatError",
     "__version__",
+    "load_model",
 ]
+
+
+def __getattr__(name: str):
+    if name == "load_model":  # lazily: importing hrsel stays cheap (no torch)
+        from hrsel.inference.load import load_model
+
+        return load_model
+    raise AttributeError(f"module 'hrsel' has no attribute {name!r}")

@@ -27,9 +27,15 @@ BEST = "best.pt"
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG state as plain containers and tensors (loadable with torch.load(weights_only=True))."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -38,8 +44,17 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what `rng_state` returned (or the tuple form of checkpoints before hrsel 0.1.1)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        key = np.asarray(saved["key"].numpy() if isinstance(saved["key"], torch.Tensor) else saved["key"],
+                         dtype=np.uint32)
+        np.random.set_state({"bit_generator": saved["bit_generator"], "state": {"key": key, "pos": saved["pos"]},
+                             "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+    else:
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -143,37 +158,66 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], *, is_bes
 TRAINING_KEYS = ("model", "optimizer", "scaler", "train_state", "rng")  # what Trainer.save writes
 
 
-def load_checkpoint(path: str | os.PathLike, *, require: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load a checkpoint file, or `last.pt` of a run folder, onto the CPU.
+def load_checkpoint(path: str | os.PathLike, *, require: tuple[str, ...] = (), resuming: bool = True
+                    ) -> dict[str, Any]:
+    """Load a checkpoint file, or `last.pt` of a run folder, onto the CPU, with torch.load(weights_only=True).
 
     A missing, empty, truncated or foreign file (not a dict holding the keys `require`)
-    raises `CheckpointError` naming the file and the checkpoints that may be used instead.
+    raises `CheckpointError` naming the file and the checkpoints that may be used instead
+    (to resume from, or with `resuming=False` to load: hrsel.inference.load_model).
     """
     path = Path(path)
     if path.is_dir():
         path = path / LAST
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}; --resume expects a run folder holding {LAST} "
-                              f"(or a checkpoint file in one){_instead(path)}")
+                              f"(or a checkpoint file in one){_instead(path, resuming)}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds Python objects other than tensors, numbers, strings and plain "
+                f"containers, so hrsel does not unpickle it (torch.load(weights_only=True) said: "
+                f"{_unpickling_cause(e)}); it was written by another program or by hrsel before "
+                f"checkpoints were weights-only{_instead(path, resuming)}") from None
+        raise _unreadable(path, e, resuming, said=_unpickling_cause(e)) from None
     except (EOFError, RuntimeError, ValueError, OSError, pickle.UnpicklingError, AttributeError, ImportError,
             IndexError, KeyError, TypeError) as e:
-        size = path.stat().st_size
-        what = "empty" if size == 0 else f"truncated, corrupt or not a torch checkpoint ({size} bytes)"
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: the file is {what}; torch.load said: "
-                              f"{_first_line(e)}{_instead(path)}") from None
+        raise _unreadable(path, e, resuming) from None
     missing = [k for k in require if not isinstance(state, dict) or k not in state]
     if missing:
         held = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is not a hrsel training checkpoint: it lacks "
-                              f"{', '.join(missing)} (it holds {held}){_instead(path)}")
+                              f"{', '.join(missing)} (it holds {held}){_instead(path, resuming)}")
     return state
 
 
-def _instead(path: Path) -> str:
-    """Which other checkpoint of the run folder a person may resume from."""
+def _unreadable(path: Path, error: BaseException, resuming: bool, *, said: str = "") -> CheckpointError:
+    size = path.stat().st_size
+    what = "empty" if size == 0 else f"truncated, corrupt or not a torch checkpoint ({size} bytes)"
+    return CheckpointError(f"checkpoint {str(path)!r} cannot be read: the file is {what}; torch.load said: "
+                           f"{said or _first_line(error)}{_instead(path, resuming)}")
+
+
+def _unpickling_cause(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that names the object (e.g. numpy.core.multiarray._reconstruct)."""
+    text = " ".join(str(error).split())
+    start = text.find("WeightsUnpickler error:")
+    if start < 0:
+        return _first_line(error)
+    cause = text[start:].split(" by default")[0].split(" Check the documentation")[0]
+    return cause[:300]
+
+
+def _instead(path: Path, resuming: bool = True) -> str:
+    """Which other checkpoint of the run folder a person may resume from (or load)."""
     others = [p for p in (path.parent / LAST, path.parent / BEST) if p != path and p.is_file()]
+    if not resuming:
+        if others:
+            return (f". Load the run's other checkpoint instead (checkpoint={others[0].stem!r}, "
+                    f"--checkpoint {others[0].stem}), or restore {path.name} from a backup")
+        return f". Restore {path.name} from a backup, or train the run again"
     if others:
         return (f". Resume from another checkpoint of the run instead, e.g. --resume {others[0]} "
                 f"(training continues from the step it holds), or restore {path.name} from a backup")
@@ -184,3 +228,57 @@ def _first_line(error: BaseException) -> str:
     """The error's first sentence (torch's zip reader adds a paragraph of advice after it)."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text.split('. ')[0][:200]}"
+
+
+# ----------------------------------------------------------------------------- what a checkpoint describes
+
+def run_metadata(cfg: Any, tasks: dict[str, Any], dataset: Any = None) -> dict[str, Any]:
+    """What a checkpoint carries besides the training state, so that it loads on its own
+    (hrsel.inference.load_model): the resolved config as a plain dict, the task specs, the class
+    names and the hrsel version. Plain containers, numbers and strings only (weights_only-safe).
+    """
+    from hrsel import __version__
+    from hrsel.config import to_dict
+
+    specs = {str(name): {"kind": str(spec.kind), "num_classes": int(spec.num_classes)} for name, spec in tasks.items()}
+    return {"config": plain(to_dict(cfg)), "tasks": specs, "class_names": class_names_of(dataset, tasks),
+            "hrsel_version": __version__}
+
+
+def class_names_of(dataset: Any, tasks: dict[str, Any]) -> dict[str, list[str]]:
+    """{task: [name per class]}: the data set's `class_names` where it has them, else "0".."C-1".
+
+    A `Subset` (a held-out split) is looked through to the data set it wraps.
+    """
+    found = None
+    while dataset is not None and found is None:
+        found = getattr(dataset, "class_names", None)
+        dataset = getattr(dataset, "dataset", None)
+    found = found or {}
+    out = {}
+    for name, spec in tasks.items():
+        names = found.get(name) if isinstance(found, dict) else None
+        count = max(int(spec.num_classes), 2) if spec.kind == "binary" else int(spec.num_classes)
+        if names is None or len(names) != count:
+            if names is not None:
+                log.warning("class names of task %r: %d names for %d classes; numbering the classes instead",
+                            name, len(names), count)
+            names = [str(i) for i in range(count)]
+        out[str(name)] = [str(n) for n in names]
+    return out
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain containers (dict, list), str, int, float, bool and None; anything else as str."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return plain(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)

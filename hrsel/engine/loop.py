@@ -71,6 +71,7 @@ class Trainer:
         self.cfg, self.tasks, self.device, self.info, self.run_dir = cfg, tasks, device, info, Path(run_dir)
         self.module = pipeline.to(device)  # the plain pipeline: state_dict, set_progress, auxiliary_loss
         self.model = self._wrap(self.module)  # what is called: maybe DDP and/or compiled
+        self.metadata = ckpt.run_metadata(cfg, tasks, train_set)  # config, tasks, class names: in every checkpoint
         self.train_set = _limit(train_set, cfg.data.limit_train)
         self.val_set = _limit(val_set, cfg.data.limit_eval)  # None: select on the test set (data.val_split=none)
         self.test_set = _limit(test_set, cfg.data.limit_eval)
@@ -278,7 +279,7 @@ class Trainer:
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "train_state": asdict(self.state), "rng": self._boundary_rng,
                  "epoch_sums": dict(self.sums), "total_steps": self.total_steps,
-                 "throughput": self.throughput.state_dict()}
+                 "throughput": self.throughput.state_dict(), **self.metadata}
         ckpt.save_checkpoint(self.run_dir, state, is_best=is_best)
         self._saved_step = self.state.step
 

@@ -1,0 +1,147 @@
+"""What `python -m hrsel.predict` reads: image files, folders of them, a manifest CSV, feature caches.
+
+    items = expand_inputs(["slide.svs", "folder/", "cohort.csv", "features/slide2.h5"])
+
+Each input becomes `PredictInput`s (path, kind "image" | "bag", labels from a manifest or None).
+Folders contribute every readable image (and `.h5` feature cache) directly inside them, sorted by
+name; a manifest CSV its rows (read with `hrsel.data.manifest.read_manifest` when that module
+exists, else a CSV with a `path` column relative to the CSV and optional label columns named
+after the tasks). Nothing here reads pixels: sources are opened when an item is predicted.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hrsel.errors import DataError, HrselError, ImageReadError
+
+log = logging.getLogger(__name__)
+
+BAG_SUFFIXES = (".h5", ".hdf5")
+MANIFEST_SUFFIXES = (".csv",)
+
+
+@dataclass
+class PredictInput:
+    path: Path
+    kind: str  # "image" | "bag"
+    labels: dict[str, str] = field(default_factory=dict)  # task -> label text from a manifest ("" = unknown)
+    id: str = ""
+
+    def __post_init__(self):
+        self.id = self.id or str(self.path)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] | None = None,
+                  class_names: dict[str, list[str]] | None = None) -> list[PredictInput]:
+    """Resolve files, folders and manifests into the items to predict, in order; errors name the input.
+
+    `tasks` / `class_names` (the model's) say which manifest columns are labels."""
+    items: list[PredictInput] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise ImageReadError(f"input {str(path)!r} does not exist; pass image files, folders, a manifest .csv "
+                                 f"or feature caches (.h5)")
+        if path.is_dir() and not _is_zarr(path):
+            found = _folder_items(path)
+            if not found:
+                raise ImageReadError(f"folder {str(path)!r} holds no readable image or .h5 feature cache")
+            items.extend(found)
+        elif path.suffix.lower() in MANIFEST_SUFFIXES:
+            items.extend(read_manifest_inputs(path, tasks, class_names))
+        else:
+            items.append(PredictInput(path=path, kind=_kind(path)))
+    if not items:
+        raise ImageReadError("no inputs to predict; pass image files, folders, a manifest .csv or .h5 caches")
+    return items
+
+
+def _kind(path: Path) -> str:
+    return "bag" if path.suffix.lower() in BAG_SUFFIXES else "image"
+
+
+def _is_zarr(path: Path) -> bool:
+    from hrsel.io.factory import ZARR_MARKERS
+
+    return any((path / marker).exists() for marker in ZARR_MARKERS)
+
+
+def _folder_items(folder: Path) -> list[PredictInput]:
+    from hrsel.io.factory import sniff_backend
+
+    items = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and path.suffix.lower() in BAG_SUFFIXES:
+            items.append(PredictInput(path=path, kind="bag"))
+            continue
+        if path.is_dir() and not _is_zarr(path):
+            continue
+        try:
+            sniff_backend(str(path))
+        except HrselError:
+            log.debug("skipping %s: not an image hrsel reads", path)
+            continue
+        items.append(PredictInput(path=path, kind="image"))
+    return items
+
+
+def read_manifest_inputs(path: Path, tasks: dict[str, Any] | None = None,
+                         class_names: dict[str, list[str]] | None = None) -> list[PredictInput]:
+    """The rows of a manifest CSV as inputs, with the labels of the model's `tasks` when it has those columns.
+
+    With label columns, `hrsel.data.manifest.read_manifest` reads and checks it (every bad row in one
+    DataError); a CSV of paths only is read here (the manifest data set needs labels).
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    labelled = [t for t in (tasks or {}) if t in header]
+    try:
+        from hrsel.data.manifest import read_manifest
+    except ImportError:
+        labelled = []
+    if not labelled:
+        return _read_csv_manifest(path, labelled=list(tasks or {}))
+    wanted = {}
+    for task in labelled:
+        kind = tasks[task].kind
+        names = (class_names or {}).get(task)
+        wanted[task] = {"kind": kind, "classes": names} if names and kind != "binary" else kind
+    table = read_manifest(path, tasks=wanted)
+    return [PredictInput(path=Path(p), kind=_kind(Path(p)), labels=dict(labels), id=str(i))
+            for p, labels, i in _table_rows(table)]
+
+
+def _table_rows(table: Any):
+    """(path, {task: label text}, id) per row of a `ManifestTable`, whatever its exact shape."""
+    rows = getattr(table, "rows", table)
+    for row in rows:
+        get = row.get if isinstance(row, dict) else lambda key, default=None, r=row: getattr(r, key, default)
+        path = get("path")
+        labels = get("labels", None) or get("targets", None) or {}
+        yield path, {k: "" if v is None else str(v) for k, v in dict(labels).items()}, get("id", None) or get("rel", None) or path
+
+
+def _read_csv_manifest(path: Path, *, labelled: list[str]) -> list[PredictInput]:
+    """A CSV with a `path` column (relative to the CSV's folder) and optional columns `labelled`."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise DataError(f"manifest {str(path)!r} has no 'path' column (columns: {reader.fieldnames}); "
+                            f"add a header row with 'path' and one column per task")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            value = (row.get("path") or "").strip()
+            if not value:
+                raise DataError(f"manifest {str(path)!r} line {line}: empty 'path'; fill it or delete the row")
+            target = Path(value) if Path(value).is_absolute() else path.parent / value
+            labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
+            items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
+                                      id=(row.get("id") or "").strip() or value))
+    return items

@@ -1,0 +1,326 @@
+"""Predict with a trained pipeline over images or feature caches, and write what it looked at.
+
+    model = load_model("runs/camelyon16")
+    result = predict_sources(model, ["slides/", "extra.svs"], out_dir="predictions")
+
+Per image, in `out_dir`: a row of `predictions.csv` (the predicted class of every task and the
+probability of every class, `<task>/prob/<class>`), `<stem>.geojson` (the scored patches for
+QuPath, see `geojson.py`), `<stem>_scores.zarr` (the score map as OME-Zarr for napari, see
+`scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False` skips it). With
+labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task.
+
+Memory is the training pipeline's: images are lazy sources streamed in chunks by the pipeline,
+the picture reads a thumbnail and the K selected patches, and the outputs are built from the
+(N,) scores. Predictions are those of the trainer's evaluation: eval mode, no grad, the same
+autocast and the same RNG seed (`seed + 1`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hrsel.errors import DataError
+from hrsel.inference.inputs import PredictInput, expand_inputs
+from hrsel.inference.rows import csv_columns, encode_labels, prediction_row, probabilities, split_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PredictResult", "predict_sources", "probabilities", "output_stem"]
+
+
+@dataclass
+class PredictResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]  # one per image, as in predictions.csv
+    metrics: dict[str, float] | None = None  # over the labelled images, when any
+    files: dict[str, list[Path]] = field(default_factory=dict)  # "geojson" | "zarr" | "picture" -> paths
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, out_dir: str | Path,
+                    batch_size: int = 1, num_workers: int = 0, pictures: bool = True, gallery: int = 8,
+                    progress: bool = False) -> PredictResult:
+    """Predict every input (files, folders, manifest CSVs, .h5 caches; see `inputs.expand_inputs`).
+
+    `model`: a `LoadedModel` (`hrsel.inference.load_model`). Images of one batch are run together
+    when they have the same size and channels (the pipelines batch images of one size).
+    """
+    items: list[PredictInput] = []
+    for given in inputs:
+        items.extend([given] if isinstance(given, PredictInput) else
+                     expand_inputs([given], tasks=model.tasks, class_names=model.class_names))
+    if batch_size < 1 or num_workers < 0:
+        raise DataError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
+    targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = unique_stems([item.path for item in items])
+    columns = csv_columns(model, labelled=any(item.labels for item in items))
+    target_mpp = getattr(getattr(model.config, "data", None), "target_mpp", None)
+    loader = DataLoader(_Inputs(items, target_mpp=target_mpp), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
+    result = PredictResult(out_dir=out_dir, rows=[], files={"geojson": [], "zarr": [], "picture": []})
+    kept_logits: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
+    kept_targets: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
+    cuda = model.device.type == "cuda"
+    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f, \
+            torch.random.fork_rng(devices=[model.device] if cuda else [], device_type="cuda" if cuda else "cpu"), \
+            _bar(len(items), "images", progress) as overall:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        torch.manual_seed(model.config.seed + 1)  # as the trainer's evaluation
+        for batch in loader:
+            for group in _groups(batch):
+                out = _forward(model, group, progress=progress)
+                for j, entry in enumerate(group):
+                    k = entry["index"]
+                    logits = {t: out.logits[t][j:j + 1].float().cpu() for t in model.tasks}
+                    row = prediction_row(entry["input"], logits, model.tasks, model.class_names)
+                    writer.writerow(row)
+                    f.flush()
+                    result.rows.append(row)
+                    for t, target in targets[k].items():
+                        kept_logits[t].append(logits[t])
+                        kept_targets[t].append(target)
+                    _write_maps(model, entry, out, j, out_dir / stems[k], row, result, pictures=pictures,
+                                gallery=gallery)
+                    overall.update(1)
+    result.metrics = split_metrics(kept_logits, kept_targets, model.tasks)
+    if result.metrics is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {"metrics": result.metrics, "num_images": len(items),
+             "num_labelled": {t: len(v) for t, v in kept_targets.items()},
+             "checkpoint": str(model.checkpoint_path)}, indent=2), encoding="utf-8")
+    log.info("predicted %d image(s) into %s", len(items), out_dir)
+    return result
+
+
+class _Inputs(Dataset):
+    """Opens each input lazily (an image source: its header only; a feature cache: its bag).
+
+    With the run's `data.target_mpp`, an image is the `LevelView` of its level serving it, as in training.
+    """
+
+    def __init__(self, items: list[PredictInput], *, target_mpp: float | None = None):
+        self.items, self.target_mpp = items, target_mpp
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        entry: dict[str, Any] = {"index": index, "input": item}
+        if item.kind == "bag":
+            from hrsel.data.feature_cache import read_bag
+
+            features, coords, attrs = read_bag(item.path)
+            entry.update(image=torch.from_numpy(features), coords=coords, attrs=attrs)
+        else:
+            from hrsel.io import open_image
+
+            entry["image"] = open_image(str(item.path))
+            if self.target_mpp:
+                from hrsel.io.level_view import LevelView, level_for_mpp
+
+                entry["image"] = LevelView(entry["image"], level_for_mpp(entry["image"], self.target_mpp))
+        return entry
+
+
+def _as_list(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return entries
+
+
+def _groups(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive runs of a batch that one forward call takes: bags together, images of one size."""
+    groups: list[list[dict[str, Any]]] = []
+    for entry in batch:
+        image = entry["image"]
+        key = ("bag",) if isinstance(image, torch.Tensor) else ("image", image.dimensions, image.channels)
+        if groups and groups[-1][0]["_key"] == key:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+        entry["_key"] = key
+    return groups
+
+
+@torch.no_grad()
+def _forward(model: Any, group: list[dict[str, Any]], *, progress: bool) -> Any:
+    pipeline = model.pipeline
+    pipeline.eval()
+    images = [entry["image"] for entry in group]
+    if not isinstance(images[0], torch.Tensor) and getattr(pipeline, "in_chans", None) is not None:
+        from hrsel.models.patches import check_channels
+
+        check_channels(images, in_chans=pipeline.in_chans)  # ChannelMismatchError naming the image
+    with _autocast(model), _patch_bar(pipeline, group, progress):
+        return pipeline(images)
+
+
+def _autocast(model: Any):
+    import contextlib
+
+    precision = model.config.train.precision
+    if model.device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---------------------------------------------------------------------------------------- stems
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """A file stem per input, made unique with -2, -3, ... (`slide.ome.tif` -> `slide`)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = output_stem(path)
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def output_stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "image"
+    stem = Path(name).stem or name
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in stem) or "image"
+
+
+# ---------------------------------------------------------------------------------------- maps
+
+def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path, row: dict[str, Any],
+                result: PredictResult, *, pictures: bool, gallery: int) -> None:
+    from hrsel.inference.geojson import write_geojson
+    from hrsel.inference.scoremap import score_grid, write_ome_zarr
+
+    if out.scores is None:
+        log.warning("%s: the %s pipeline gives no patch scores; no GeoJSON, score map or heatmap",
+                    entry["input"].path, type(model.pipeline).__name__)
+        return
+    source, coords, patch, image_wh = _geometry(model, entry, out, j)
+    scores = out.scores[j].float().cpu().numpy()[: len(coords)]
+    selected = np.array([], dtype=np.int64) if out.indices is None else out.indices[j].cpu().numpy()
+    selected = selected[selected >= 0]
+    f = float(getattr(source, "downsample", 1.0))  # a LevelView's pixels -> the slide's level-0 pixels
+    slide_wh = tuple(source.source.dimensions) if f != 1.0 else image_wh
+    stride = _stride(model.pipeline)
+    result.files["geojson"].append(write_geojson(base.with_name(base.name + ".geojson"), coords * f,
+                                                 (patch[0] * f, patch[1] * f), scores, selected, image_wh=slide_wh))
+    grid = score_grid(coords * f, scores, patch_size=(patch[0] * f, patch[1] * f), selected=selected,
+                      stride=None if stride is None else stride * f)
+    result.files["zarr"].append(write_ome_zarr(base.with_name(base.name + "_scores.zarr"), grid))
+    if pictures:
+        from hrsel.inference.heatmap import save_heatmap_picture
+
+        title = f"{entry['input'].path.name}\n" + "\n".join(
+            f"{t}: {row[f'{t}/predicted'] or '(none)'} ({_top_prob(row, t)})" for t in model.tasks)
+        result.files["picture"].append(save_heatmap_picture(
+            base.with_name(base.name + "_heatmap.png"), source, image_wh=image_wh, coords=coords, patch_size=patch,
+            scores=scores, selected=selected, title=title, gallery=gallery))
+
+
+def _top_prob(row: dict[str, Any], task: str) -> str:
+    probs = {k.rsplit("/", 1)[1]: float(v) for k, v in row.items() if k.startswith(f"{task}/prob/")}
+    name = max(probs, key=probs.get)
+    return f"p({name})={probs[name]:.3f}"
+
+
+def _stride(pipeline: Any) -> float | None:
+    """The grid step of a pipeline that declares one (IPS `stride`); None: read it off the patch corners."""
+    stride = getattr(pipeline, "stride", None)
+    return float(stride) if isinstance(stride, (int, float)) and not isinstance(stride, bool) else None
+
+
+def _geometry(model: Any, entry: dict[str, Any], out: Any, j: int):
+    """(source or None, coords (N, 2) (x, y), patch (w, h), image (w, h)) of one item, in the pixels of the
+    image the pipeline read (a `LevelView`'s level for a run with target_mpp, else level 0)."""
+    if entry["input"].kind == "bag":
+        coords = np.asarray(entry["coords"], dtype=np.float64)
+        size = float(entry["attrs"].get("patch_size", 1))
+        source = _bag_source(entry)
+        if source is not None:
+            image_wh = tuple(source.dimensions)
+        else:
+            image_wh = (int(math.ceil(coords[:, 0].max() + size)), int(math.ceil(coords[:, 1].max() + size)))
+        return source, coords, (size, size), image_wh
+    from hrsel.engine.visualize import layout_for
+
+    source = entry["image"]
+    n = int(out.scores.shape[1])
+    layout = layout_for(model.pipeline, source, n)
+    return source, layout.coords, (layout.width, layout.height), tuple(source.dimensions)
+
+
+def _bag_source(entry: dict[str, Any]) -> Any:
+    """The slide a feature cache was made from, when it is still where the cache says (for the picture)."""
+    path = entry["attrs"].get("source")
+    if not path:
+        return None
+    candidate = Path(path) if Path(path).is_absolute() else entry["input"].path.parent / path
+    if not candidate.exists():
+        log.info("%s: its source %s is not at hand; the heatmap is drawn without the image", entry["input"].path,
+                 path)
+        return None
+    from hrsel.io import open_image
+
+    return open_image(str(candidate))
+
+
+# ---------------------------------------------------------------------------------------- progress
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(total: int | None, desc: str, enabled: bool, *, unit: str = "it", leave: bool = True):
+    if not enabled:
+        return _NoBar()
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+class _patch_bar:
+    """A per-image bar of patches encoded: a forward hook on the pipeline's backbone counts its inputs."""
+
+    def __init__(self, pipeline: Any, group: list[dict[str, Any]], enabled: bool):
+        self.module = getattr(getattr(pipeline, "classifier", None), "backbone", None)
+        self.enabled = enabled and isinstance(self.module, torch.nn.Module)
+        self.desc = group[0]["input"].path.name if len(group) == 1 else f"{len(group)} images"
+        self.handle = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar = _bar(None, self.desc, True, unit="patch", leave=False)
+
+            def count(module, args, output):
+                self.bar.update(int(np.prod(args[0].shape[:-3])) if args and args[0].dim() >= 4 else 1)
+
+            self.handle = self.module.register_forward_hook(count)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+            self.bar.close()
+        return False

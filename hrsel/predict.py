@@ -1,0 +1,65 @@
+"""Predict with a trained run: class probabilities, QuPath GeoJSON, OME-Zarr score maps, heatmaps.
+
+    python -m hrsel.predict runs/mnist data/new_images/ --out predictions/
+    python -m hrsel.predict runs/camelyon16 slides.csv --checkpoint last --device cuda --out preds/
+    python -m hrsel.predict runs/camelyon16 features/*.h5 --out preds/ --no-pictures
+
+INPUT: image files (any format hrsel reads), folders (every readable image and .h5 feature cache
+inside, sorted), manifest CSVs (a `path` column; label columns named after the tasks add
+metrics.json) or feature caches (.h5). Writes OUT/predictions.csv and, per image, OUT/<stem>.geojson,
+OUT/<stem>_scores.zarr and OUT/<stem>_heatmap.png. A bad input exits with status 2 and names it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hrsel.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder (runs/NAME) or a checkpoint file")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, manifest .csv, .h5 caches")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for predictions.csv and the maps")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, auto")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
+    p.add_argument("--num-workers", type=int, default=0, help="processes opening inputs (default 0)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the <stem>_heatmap.png pictures")
+    p.add_argument("--gallery", type=int, default=8, help="selected patches shown in full resolution (8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from hrsel.errors import (ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError,
+                              ImageReadError)
+
+    try:
+        from hrsel.inference import load_model, predict_sources
+
+        model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
+        result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, pictures=not args.no_pictures,
+                                 gallery=args.gallery, progress=not args.no_progress)
+    except (ConfigError, DataError, CheckpointError, ChannelMismatchError, ImageReadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except HrselError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"predictions: {result.out_dir / 'predictions.csv'} ({len(result.rows)} image(s))")
+    if result.metrics:
+        print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    if result.files.get("geojson"):
+        print(f"maps: {len(result.files['geojson'])} GeoJSON, {len(result.files['zarr'])} OME-Zarr, "
+              f"{len(result.files['picture'])} heatmap(s) in {result.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
