@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hrsel.data import build_dataset, camelyon, cub
+from hrsel.data import build_dataset, camelyon, cub, features as feature_bags
 from hrsel.data.collate import collate
 from hrsel.errors import DataError
 
@@ -53,8 +53,9 @@ def test_feature_cache_matches_direct_encoding(camelyon_root, tmp_path):
         return torch.cat([x.mean((2, 3)), torch.ones(len(x), 1)], 1)
 
     paths = camelyon.cache_features(ds, encoder, tmp_path / "features", chunk_size=5, dtype="float32")
-    assert [p.name for p in paths] == ["test_001.zarr", "test_002.zarr"]
-    feats = camelyon.Camelyon16Features(root=camelyon_root, split="test", features_dir=str(tmp_path / "features"))
+    assert [p.name for p in paths] == ["test_001.h5", "test_002.h5"]
+    feats = feature_bags.Camelyon16Features(root=camelyon_root, split="test",
+                                            features_dir=str(tmp_path / "features"))
     item = feats[0]
     grid = ds.grid(0)
     assert item["image"].shape == (len(grid), 4) and item["coords"].tolist() == grid.coords.tolist()
@@ -66,8 +67,9 @@ def test_feature_cache_matches_direct_encoding(camelyon_root, tmp_path):
     lengths = [len(feats[0]["image"]), len(feats[1]["image"])]
     assert lengths[0] != lengths[1] and [len(b) for b in batch["images"]] == lengths  # bags stay a list
     assert len(batch["coords"]) == 2
-    with pytest.raises(DataError, match="no feature cache .*test_001"):
-        camelyon.Camelyon16Features(root=camelyon_root, split="test", features_dir=str(tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no CAMELYON16 test feature bags"):
+        feature_bags.Camelyon16Features(root=camelyon_root, split="test", features_dir=str(tmp_path / "empty"))
 
 
 def test_cub_official_layout_and_preprocessing(tmp_path):

@@ -5,9 +5,9 @@ Slides: every `*.tif` under `root` (any sub-folder); the train split is `normal_
 CSV (`reference.csv` under root, or `labels_csv`): lines `test_001,Tumor,...` or
 `test_002,Normal`. Task `tumor` is binary (slide-level), metric AUC.
 
-`compute_feature_cache` streams a slide's tissue patches through a frozen encoder and
-writes `features` (n, D) and `coords` (n, 2) to a zarr group chunk by chunk, so IPS can
-run over tens of thousands of patches per slide (`Camelyon16Features`).
+`cache_features` streams each slide's tissue patches through a frozen encoder into an HDF5
+feature cache per slide (hrsel.data.feature_cache; `python -m hrsel.features` is the command),
+so IPS can run over tens of thousands of patches per slide (data set `features`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from hrsel.errors import DataError
@@ -101,78 +100,28 @@ class Camelyon16(torch.utils.data.Dataset):
         return {"image": self.source(index), "targets": targets, "id": self.slides[index].stem}
 
 
-@torch.no_grad()
 def compute_feature_cache(source: Any, grid: Any, encoder: Callable[[torch.Tensor], torch.Tensor],
                           out_path: str | os.PathLike, *, chunk_size: int = 256, device: str = "cpu",
                           dtype: str = "float16", workers: int = 2) -> Path:
-    """Encode every grid patch (uint8 -> float in [0, 1]) and store features (n, D) + coords (n, 2).
+    """Encode every grid patch into the HDF5 feature cache `out_path` (hrsel.data.feature_cache.write_bag)."""
+    from hrsel.data.feature_cache import write_bag
 
-    Memory is O(chunk_size); the group gets `complete=True` only when every chunk is written.
-    """
-    import zarr
-
-    from hrsel.tiling import stream_patches
-
-    out_path = Path(out_path)
-    group = zarr.open_group(str(out_path), mode="w")
-    n = len(grid)
-    make = group.create_array if hasattr(group, "create_array") else group.create_dataset  # zarr 3 / zarr 2
-    coords = make("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
-    coords[...] = grid.coords
-    features = None
-    for chunk in stream_patches(source, grid, chunk_size=chunk_size, workers=workers):
-        x = chunk.patches.to(device).float().div_(255)  # (b, C, p, p)
-        f = encoder(x).float().cpu().numpy()  # (b, D)
-        if features is None:
-            features = make("features", shape=(n, f.shape[1]), chunks=(chunk_size, f.shape[1]), dtype=dtype)
-        start = int(chunk.indices[0])  # chunks are consecutive positions in the (masked) grid
-        features[start:start + len(f)] = f.astype(dtype)
-    group.attrs.update({"complete": True, "n": n, "patch_size": int(grid.patch_size), "level": int(grid.level),
-                        "source": str(getattr(source, "path", ""))})
-    return out_path
+    return write_bag(out_path, source, grid, encoder, batch_size=chunk_size, device=device, dtype=dtype,
+                     workers=workers)
 
 
 def cache_features(dataset: Camelyon16, encoder: Callable[[torch.Tensor], torch.Tensor],
-                   features_dir: str | os.PathLike, **options: Any) -> list[Path]:
-    """A feature cache per slide of `dataset` in `features_dir/<slide>.zarr`; complete caches are kept."""
-    import zarr
+                   features_dir: str | os.PathLike, *, chunk_size: int = 256, **options: Any) -> list[Path]:
+    """A feature cache per slide of `dataset` in `features_dir/<slide>.h5`; complete caches are kept.
+
+    The library side of `python -m hrsel.features` for a `Camelyon16` data set (its tissue grids).
+    """
+    from hrsel.data.feature_cache import bag_name, cache_bag
 
     paths = []
     for i in range(len(dataset)):
-        path = Path(features_dir) / f"{dataset.slides[i].stem}.zarr"
-        if not (path.exists() and zarr.open_group(str(path), mode="r").attrs.get("complete")):
-            source = dataset.source(i)
-            log.info("caching features of %s (%d patches)", path.stem, len(dataset.grid(i, source)))
-            compute_feature_cache(source, dataset.grid(i, source), encoder, path, **options)
+        path = Path(features_dir) / bag_name(dataset.slides[i].stem)
+        cache_bag(path, lambda i=i: dataset.source(i), lambda source, i=i: dataset.grid(i, source), encoder,
+                  batch_size=chunk_size, **options)
         paths.append(path)
     return paths
-
-
-class Camelyon16Features(torch.utils.data.Dataset):
-    """Per-slide feature bags from `features_dir` (default `root/features`): image = (N, D) float32."""
-
-    def __init__(self, *, root: str | os.PathLike, split: str = "train", features_dir: str | None = None,
-                 labels_csv: str | None = None):
-        self.slides = list_slides(root, split)
-        self.labels = slide_labels(root, self.slides, labels_csv)
-        self.features_dir = Path(features_dir) if features_dir is not None else Path(root) / "features"
-        self.tasks = dict(TASKS)
-        missing = [s.stem for s in self.slides if not (self.features_dir / f"{s.stem}.zarr").exists()]
-        if missing:
-            raise DataError(f"no feature cache for {len(missing)} slide(s) in {self.features_dir}, e.g. "
-                            f"{missing[:3]}; compute them with hrsel.data.camelyon.cache_features")
-
-    def __len__(self) -> int:
-        return len(self.slides)
-
-    def __getitem__(self, index: int) -> dict:
-        import zarr
-
-        name = self.slides[index].stem
-        group = zarr.open_group(str(self.features_dir / f"{name}.zarr"), mode="r")
-        if not group.attrs.get("complete"):
-            raise DataError(f"feature cache {self.features_dir / name}.zarr is incomplete; delete it and recompute")
-        features = torch.from_numpy(np.asarray(group["features"][...], dtype=np.float32))  # (N, D)
-        coords = torch.from_numpy(np.asarray(group["coords"][...]))  # (N, 2)
-        targets = {"tumor": torch.tensor(float(self.labels[index]))}
-        return {"image": features, "coords": coords, "targets": targets, "id": name}
