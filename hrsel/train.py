@@ -141,9 +141,20 @@ class Splits:
 
 def build_datasets(cfg: Config) -> Splits:
     """Train, validation and test sets; best.pt is selected on validation, test is evaluated once at the end."""
+    splits = _build_splits(cfg)
+    train = splits.train
+    while not hasattr(train, "split_record") and hasattr(train, "dataset"):
+        train = train.dataset  # a held-out Subset: the data set underneath
+    own_rule = getattr(train, "split_record", None)  # how the data set split its files (manifest)
+    if own_rule is not None:
+        splits.record["data_split"] = own_rule
+    return splits
+
+
+def _build_splits(cfg: Config) -> Splits:
     train = open_split(cfg, cfg.data.train_split, for_eval=False)
     test = open_split(cfg, cfg.data.eval_split, for_eval=True)
-    mode = validation_mode(cfg)
+    mode = validation_mode(cfg, train)
     if mode == "none":
         log.warning("data.val_split=none: best.pt is selected on the test split %r, so its test metrics are "
                     "optimistic", cfg.data.eval_split)
@@ -161,13 +172,14 @@ def build_datasets(cfg: Config) -> Splits:
                                      "size": len(val)})
 
 
-def validation_mode(cfg: Config) -> str:
-    """'none', 'holdout' or the split to validate on (data.val_split=auto: the data set's own, else holdout)."""
+def validation_mode(cfg: Config, train: Any = None) -> str:
+    """'none', 'holdout' or the split to validate on (data.val_split=auto: the data set's own -- by name, or
+    the training set's `validation_split` attribute (a manifest with val rows) --, else holdout)."""
     from hrsel.data.registry import validation_split
 
     if cfg.data.val_split != "auto":
         return cfg.data.val_split
-    return validation_split(cfg.data.name) or "holdout"
+    return validation_split(cfg.data.name) or getattr(train, "validation_split", None) or "holdout"
 
 
 def open_split(cfg: Config, split: str, *, for_eval: bool) -> Any:

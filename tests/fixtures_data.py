@@ -3,7 +3,7 @@
 One writer per data set: Megapixel MNIST (IDX files -> the real generator's zarr images),
 Swedish traffic signs (Set1/Set2 with annotations.txt and 960x1280 JPEGs), Billiard (PNG +
 JSON per sample), CAMELYON16 (pyramidal TIFF slides, reference.csv) and its feature caches
-(the zarr groups `compute_feature_cache` writes), and CUB-200-2011 (the official folder layout).
+(the HDF5 caches `python -m hrsel.features` writes), and CUB-200-2011 (the official folder layout).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def make_camelyon(root: Path, slides: dict[str, tuple[bool, tuple[int, int]]] = 
 
 
 def make_camelyon_features(root: Path, *, dim: int = 2048, patch_size: int = 64) -> Path:
-    """Slides and their feature caches in root/features (the zarr groups of `compute_feature_cache`).
+    """Slides and their HDF5 feature caches `root/features/<slide>.h5` (hrsel.data.feature_cache).
 
     Every slide has tissue; the narrower second slide of each split gives a shorter bag (9 vs 12).
     """
@@ -180,3 +180,26 @@ def make_cub(root, n_per_class=2, classes=3, size=(80, 100)):
     (folder / "train_test_split.txt").write_text("\n".join(split) + "\n")
     (folder / "classes.txt").write_text("\n".join(f"{c} {c:03d}.Bird_{c}" for c in range(1, classes + 1)) + "\n")
     return folder
+
+
+# ---- manifest (your own images listed in a CSV) -------------------------------------------------
+
+MANIFEST_ROWS = [  # (file, label, split): two of each split, both classes in each
+    ("slides/a.tif", "tumor", "train"), ("slides/b.tif", "normal", "train"),
+    ("slides/c.tif", "tumor", "val"), ("slides/d.tif", "normal", "val"),
+    ("slides/e.tif", "tumor", "test"), ("slides/f.tif", "normal", "test"),
+]
+
+
+def make_manifest(root: Path, rows=MANIFEST_ROWS, *, size: int = 256, mpp: float = 0.25) -> Path:
+    """Pyramidal JPEG TIFFs (2 levels, `mpp` microns per pixel at level 0) and root/slides.csv
+    (path,label,split); the label's class sets a tissue block's colour."""
+    for i, (rel, label, _) in enumerate(rows):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        image = np.full((size, size, 3), 235, np.uint8)
+        image[size // 4:size // 2, size // 4 + 8 * i:size // 2 + 8 * i] = (150, 60, 140) if label == "tumor" \
+            else (200, 160, 190)
+        write_pyramid(root / rel, image, levels=2, tile=128, compression="jpeg", mpp=mpp)
+    lines = ["path,label,split"] + [",".join(row) for row in rows]
+    (root / "slides.csv").write_text("\n".join(lines) + "\n")
+    return root

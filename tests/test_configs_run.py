@@ -22,8 +22,8 @@ import torch
 from hrsel.config import Config, load_config
 from hrsel.train import main
 
-from fixtures_data import (make_billiard, make_camelyon, make_camelyon_features, make_cub, make_megapixel_mnist,
-                           make_traffic)
+from fixtures_data import (make_billiard, make_camelyon, make_camelyon_features, make_cub, make_manifest,
+                           make_megapixel_mnist, make_traffic)
 from toy_bright import one_torch_thread  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,10 @@ TINY = {
                      {"patch_size": 20}),
     "cub200": Tiny(make_cub, ("data.resize=80", "data.crop=64"), (64, 64), {"patch_size": 32}),
     "camelyon16": Tiny(make_camelyon, ("data.patch_size=64",), None, {"patch_size": 64}),
+    "features": Tiny(make_camelyon_features, (), None, {"num_selected": 4, "chunk_size": 4}),
     "camelyon16_features": Tiny(make_camelyon_features, (), None, {"num_selected": 4, "chunk_size": 4}),
+    # 256x256 JPEG TIFF pyramids at 0.25 um/px: target_mpp 0.5 reads their 128x128 level 1
+    "manifest": Tiny(make_manifest, (), (128, 128), {"patch_size": 32, "num_selected": 4, "chunk_size": 8}),
 }
 SHRUNK_MODEL_KEYS = {"patch_size", "stride", "k", "num_selected", "chunk_size", "num_positions"}
 

@@ -23,19 +23,22 @@ for _name, _module, _attribute in (
     ("traffic", "traffic", "TrafficSigns"),
     ("billiard", "billiard", "Billiard"),
     ("camelyon16", "camelyon", "Camelyon16"),
-    ("camelyon16_features", "camelyon", "Camelyon16Features"),
+    ("features", "features", "FeatureBags"),
+    ("camelyon16_features", "features", "Camelyon16Features"),  # features with layout camelyon16
     ("cub200", "cub", "CUB200"),
+    ("manifest", "manifest", "ManifestDataset"),
 ):
     DATASETS.register(_name)(_lazy(_module, _attribute))
 
 # The validation split a data set ships with (data.val_split=auto uses it; the others hold out
-# part of their training split, see hrsel.data.split).
+# part of their training split, see hrsel.data.split). A data set whose validation split depends on its
+# files (manifest: the CSV's `val` rows) says so in its `validation_split` attribute (hrsel.train).
 VALIDATION_SPLITS = {"billiard": "valid"}  # the DPS release: 8k train / 2k valid / 10k test
 
 
 def build_dataset(name: str, *, split: str, root: str, **options: Any) -> Any:
-    """The data set `name` ("megapixel_mnist", "traffic", "billiard", "camelyon16",
-    "camelyon16_features", "cub200") for `split` under `root`; options go to its class."""
+    """The data set `name` ("megapixel_mnist", "traffic", "billiard", "camelyon16", "features",
+    "camelyon16_features", "cub200", "manifest") for `split` under `root`; options go to its class."""
     return DATASETS.build(name, split=split, root=root, **options)
 
 

@@ -21,10 +21,13 @@ from torch.utils.data import Subset
 from hrsel.errors import DataError
 
 
-def holdout_indices(n: int, *, fraction: float, seed: int,
-                    labels: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+def holdout_indices(n: int, *, fraction: float, seed: int, labels: Sequence[int] | None = None,
+                    names: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """(kept, held_out): sorted, disjoint index lists covering range(n); held_out has round(fraction * n) items
-    (at least 1, at most n - 1), stratified on `labels` (one class id per item) when given."""
+    (at least 1, at most n - 1), stratified on `labels` (one class id per item) when given.
+
+    With `names` (one unique string per item, e.g. its path) item i is keyed by blake2b(f"{seed}:{names[i]}")
+    instead of its index, so reordering the items does not change which are held out."""
     if not 0 < fraction < 1:
         raise DataError(f"validation fraction must be in (0, 1), got {fraction!r}; e.g. data.val_fraction=0.1")
     if n < 2:
@@ -37,7 +40,7 @@ def holdout_indices(n: int, *, fraction: float, seed: int,
     quotas = _largest_remainder([len(g) * total / n for g in groups.values()], total)
     held = []
     for members, quota in zip(groups.values(), quotas):
-        held += sorted(members, key=lambda i: _key(seed, i))[:quota]
+        held += sorted(members, key=lambda i: _key(seed, i if names is None else names[i]))[:quota]
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], sorted(held)
 
@@ -63,9 +66,11 @@ def class_labels(dataset: Any) -> tuple[str, list[int]] | None:
 
 
 def subset(dataset: Any, indices: Sequence[int]) -> Subset:
-    """`Subset` that keeps the data set's `tasks` (the trainer reads them)."""
+    """`Subset` that keeps the data set's `tasks` and `class_names` (the trainer reads them)."""
     part = Subset(dataset, list(indices))
     part.tasks = getattr(dataset, "tasks", None)
+    if hasattr(dataset, "class_names"):
+        part.class_names = dataset.class_names
     return part
 
 
@@ -87,5 +92,5 @@ def _largest_remainder(shares: list[float], total: int) -> list[int]:
     return quotas
 
 
-def _key(seed: int, index: int) -> int:
+def _key(seed: int, index: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")

@@ -1,15 +1,14 @@
 """Feature networks: (n, C, p, p) float patches in [0, 1] -> (n, D) embeddings.
 
 torchvision ResNets (random init; ImageNet weights only from a local file, never
-downloaded), optionally truncated after a stage and with a rebuilt stem for gray
-images, the pre-activation feature net of ATS for traffic signs (also DPS's), and a
+downloaded), optionally truncated after a stage and with a stem for any channel count,
+any timm model by name (`timm/resnet50`, hrsel.models.timm_backbone), the pre-activation feature net of ATS for traffic signs (also DPS's), and a
 narrow ResNet18 layout.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 from torch import nn
@@ -17,6 +16,8 @@ from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock
 
 from hrsel.errors import ConfigError
+from hrsel.models import timm_backbone
+from hrsel.models.weights import adapt_stem_weight, channel_stats, load_strict, read_state_dict
 from hrsel.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -31,10 +32,13 @@ class ResNetBackbone(nn.Module):
 
     Args:
         arch: resnet18 | resnet34 | resnet50.
-        in_chans: input channels; 1 rebuilds the stem (pretrained RGB filters are summed).
+        in_chans: input channels; != 3 rebuilds the stem, pretrained RGB filters adapted as timm does
+            (1: summed; N: repeated and scaled by 3 / N; `adapt_stem_weight`).
         last_stage: layer1..layer4; IPS MNIST uses ResNet18 up to layer2 (D = 128).
-        weights_path: a local torchvision state dict (e.g. ImageNet); None = random init.
-        imagenet_norm: normalise inputs with the ImageNet mean/std (use with ImageNet weights).
+        weights_path: a local torchvision state dict (.pt/.pth) or .safetensors (e.g. ImageNet), loaded
+            strictly (the `fc` head may be absent); None = random init.
+        imagenet_norm: normalise inputs with the ImageNet mean/std (use with ImageNet weights); for
+            in_chans != 3: 1 channel takes the mean of the RGB values, N repeat R, G, B (`channel_stats`).
     """
 
     def __init__(self, *, arch: str = "resnet18", in_chans: int = 3, last_stage: str = "layer4",
@@ -46,25 +50,24 @@ class ResNetBackbone(nn.Module):
         if last_stage not in _STAGES:
             raise ConfigError(f"backbone last_stage {last_stage!r} is unknown; valid: {', '.join(_STAGES)}")
         net = makers[arch](weights=None)
-        if weights_path is not None:
-            if not os.path.isfile(weights_path):
-                raise ConfigError(f"backbone weights_path {weights_path!r} does not exist; give a local "
-                                  f"torchvision state dict or None for random init")
-            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-            logger.info("loaded %s weights from %s", arch, weights_path)
         if in_chans != 3:
-            old = net.conv1
             net.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-            if weights_path is not None and in_chans == 1:
-                net.conv1.weight.data.copy_(old.weight.data.sum(dim=1, keepdim=True))
+        if weights_path is not None:
+            state = read_state_dict(weights_path)
+            if "conv1.weight" in state:
+                state["conv1.weight"] = adapt_stem_weight(state["conv1.weight"], in_chans, key="conv1.weight",
+                                                          path=weights_path)
+            load_strict(net, state, path=weights_path, ignore=("fc",))
+            logger.info("loaded %s weights from %s", arch, weights_path)
         stages = _STAGES[: _STAGES.index(last_stage) + 1]
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *(getattr(net, s) for s in stages))
         expansion = 4 if arch == "resnet50" else 1
         self.out_dim = 64 * 2 ** (len(stages) - 1) * expansion
         self.in_chans = in_chans
-        self.imagenet_norm = imagenet_norm and in_chans == 3
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.imagenet_norm = imagenet_norm
+        mean, std = channel_stats(_IMAGENET_MEAN, in_chans), channel_stats(_IMAGENET_STD, in_chans)
+        self.register_buffer("mean", torch.tensor(mean).view(1, in_chans, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, in_chans, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.imagenet_norm:
@@ -167,10 +170,14 @@ for _arch in ("resnet18", "resnet34", "resnet50"):  # a partial keeps ResNetBack
 
 BACKBONES.register("narrow_resnet")(NarrowResNet)
 BACKBONES.register("ats_resnet")(ATSResNet)
+BACKBONES.register_prefix(timm_backbone.PREFIX)(timm_backbone.resolve)  # timm/<any timm model name>
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """`build_backbone("resnet18", in_chans=1, last_stage="layer2")`; the module has `.out_dim`."""
+    """`build_backbone("resnet18", in_chans=1, last_stage="layer2")` or `build_backbone("timm/resnet50")`.
+
+    The module has `.out_dim`.
+    """
     return BACKBONES.build(name, **kwargs)
 
 
