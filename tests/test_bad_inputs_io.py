@@ -134,38 +134,34 @@ def read_all(source) -> np.ndarray:
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_16bit_png_keeps_high_byte_not_saturated(tmp_path, channels):
+def test_16bit_png_not_saturated(tmp_path, channels):
+    """Issue 13: a 16-bit gray PNG is read as uint16, every bit kept; Pillow itself reduces 16-bit
+    colour and gray + alpha PNGs to their high byte (v >> 8), never saturating."""
     alpha = np.full_like(SIXTEEN, 65535)
     planes = {1: [SIXTEEN], 2: [SIXTEEN, alpha], 3: [SIXTEEN] * 3, 4: [SIXTEEN] * 3 + [alpha]}[channels]
     path = write_png16(tmp_path / f"sixteen_{channels}.png", np.stack(planes, -1))
     source = open_image(path)
     assert source.channels == (1 if channels <= 2 else 3)  # gray(+alpha) stays gray, alpha is composited
     pixels = read_all(source)
-    np.testing.assert_array_equal(pixels[0, :, 0], [0, 0, 1, 3, 117, 254, 255])  # v >> 8, never 255 for 1000
-    as_float = ImageBatch([source]).full()[0, 0, 0]  # the hand-over to the model: / 255
-    np.testing.assert_allclose(as_float.numpy(), SIXTEEN[0] / 65535, atol=1 / 255)
+    as_float = ImageBatch([source]).full()[0, 0, 0]  # the hand-over to the model: / 65535 or / 255
+    if channels == 1:
+        assert pixels.dtype == np.uint16
+        np.testing.assert_array_equal(pixels[0, :, 0], SIXTEEN[0])
+        np.testing.assert_allclose(as_float.numpy(), SIXTEEN[0] / 65535, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(pixels[0, :, 0], [0, 0, 1, 3, 117, 254, 255])  # v >> 8, never 255 for 1000
+        np.testing.assert_allclose(as_float.numpy(), SIXTEEN[0] / 65535, atol=1 / 255)
 
 
 def _float_tiff(path, values, **kw):
     tifffile.imwrite(path, values, photometric="rgb" if values.ndim == 3 else "minisblack", **kw)
 
 
-PIXEL_CASES = {
-    "float0to255.tif": (lambda p: _float_tiff(p, np.linspace(0, 255, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)),
-                        None, "float32 pixels in 0..255"),
+PIXEL_CASES = {  # refused when read (issue 13: uint16 and finite floats are read, see FLOAT_CASES)
     "float_nan.tif": (lambda p: _float_tiff(p, np.where(np.eye(16) > 0, np.nan, 0.5)), None, "NaN"),
-    "float_negative.tif": (lambda p: _float_tiff(p, np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16)),
-                           None, "-1..1"),
-    "float_tiled.tif": (lambda p: _float_tiff(p, np.full((32, 32, 3), 2.0, np.float32), tile=(16, 16)), "tiff",
-                        "float32 pixels in 2..2"),
-    "uint16.tif": (lambda p: tifffile.imwrite(p, np.full((16, 16), 4095, np.uint16)), None, "dtype uint16"),
     "int32.tif": (lambda p: tifffile.imwrite(p, np.full((16, 16), 7, np.int32)), None, "dtype int32"),
     "int32_pillow.tif": (lambda p: tifffile.imwrite(p, np.full((16, 16), 4095, np.int32)), "pillow", "dtype int32"),
-    "float_pillow.tif": (lambda p: Image.fromarray(np.full((16, 16), 200.0, np.float32)).save(p), "pillow",
-                         "float32 pixels in 200..200"),
-    "float0to255.zarr": (lambda p: write_zarr(p, np.full((16, 16, 3), 255.0, np.float32)), None,
-                         "float32 pixels in 255..255"),
-    "uint16.zarr": (lambda p: write_zarr(p, np.full((16, 16, 3), 9, np.uint16)), None, "dtype uint16"),
+    "int16.zarr": (lambda p: write_zarr(p, np.full((16, 16, 3), 9, np.int16)), None, "dtype int16"),
 }
 
 
@@ -178,15 +174,51 @@ def test_pixel_type_refused_naming_file_dtype_and_range(tmp_path, name):
     assert "Fix:" in message or "Convert it" in message
 
 
-def test_float_tiff_in_unit_range_is_scaled_not_clipped(tmp_path):
+FLOAT_CASES = {  # read as float32 as they are; without data.band_norm the hand-over refuses them, naming the file
+    "float0to255.tif": (lambda p: _float_tiff(p, np.linspace(0, 255, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)),
+                        None, "0..255"),
+    "float_negative.tif": (lambda p: _float_tiff(p, np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16)),
+                           None, "-1..1"),
+    "float_tiled.tif": (lambda p: _float_tiff(p, np.full((32, 32, 3), 2.0, np.float32), tile=(16, 16)), "tiff",
+                        "2..2"),
+    "float_pillow.tif": (lambda p: Image.fromarray(np.full((16, 16), 200.0, np.float32)).save(p), "pillow",
+                         "200..200"),
+    "float0to255.zarr": (lambda p: write_zarr(p, np.full((16, 16, 3), 255.0, np.float32)), None, "255..255"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT_CASES))
+def test_float_out_of_unit_range_is_read_then_refused_at_the_hand_over(tmp_path, name):
+    write, backend, match = FLOAT_CASES[name]
+    path = tmp_path / name
+    write(path)
+    source = open_image(path, backend=backend)
+    assert read_all(source).dtype == np.float32  # read as it is: no clipping, no guessed scale
+    message = raises_naming(PixelTypeError, path, lambda: ImageBatch([source]).full(), match=match)
+    assert "data.band_norm" in message
+
+
+@pytest.mark.parametrize("name, values", [("uint16.tif", np.full((16, 16), 4095, np.uint16)),
+                                          ("uint16.zarr", np.full((16, 16, 3), 9, np.uint16))])
+def test_uint16_is_read_as_uint16(tmp_path, name, values):
+    path = tmp_path / name
+    (write_zarr if name.endswith(".zarr") else tifffile.imwrite)(path, values)
+    pixels = read_all(open_image(path))
+    assert pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels.reshape(values.shape), values)
+
+
+def test_float_tiff_in_unit_range_is_kept_not_clipped(tmp_path):
     values = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
     _float_tiff(tmp_path / "unit.tif", values)
-    np.testing.assert_array_equal(read_all(open_image(tmp_path / "unit.tif")), np.rint(values * 255).astype(np.uint8))
+    np.testing.assert_array_equal(read_all(open_image(tmp_path / "unit.tif")), values)
 
 
-def test_float_array_0_to_255_is_refused_not_clipped():
-    with pytest.raises(PixelTypeError, match=r"in-memory array of shape \(4, 4, 3\) has float64 pixels in 0\.\.255"):
-        ArraySource(np.linspace(0, 255, 48).reshape(4, 4, 3))
+def test_float_array_0_to_255_is_kept_then_refused_at_the_hand_over():
+    source = ArraySource(np.linspace(0, 255, 48).reshape(4, 4, 3))
+    assert source.dtype == np.float32
+    with pytest.raises(PixelTypeError, match=r"ArraySource\(in-memory.*float pixels in 0\.\.255.*data\.band_norm"):
+        ImageBatch([source]).full()
 
 
 # ---- alpha: the same rule for RGBA TIFF and PNG --------------------------------------------------------

@@ -62,8 +62,8 @@ def test_extract_patches_reuses_out_and_checks_inputs(image):
     np.testing.assert_array_equal(buffer, ref_extract(image, coords, 8, 0))
     with pytest.raises(ValueError, match=r"out must be .* \(2, 3, 8, 8\)"):
         kernels.extract_patches(image, coords, 8, out=np.zeros((2, 3, 7, 8), np.uint8))
-    with pytest.raises(ValueError, match="image must be a \\(h, w, c\\) uint8"):
-        kernels.extract_patches(image.astype(np.float32), coords, 8)
+    with pytest.raises(ValueError, match="image must be a \\(h, w, c\\) uint8, uint16 or float32"):
+        kernels.extract_patches(image.astype(np.float64), coords, 8)  # uint16 / float32: test_multispectral.py
     with pytest.raises(ValueError, match="coords must be an \\(n, 2\\) integer"):
         kernels.extract_patches(image, coords.astype(float), 8)
 

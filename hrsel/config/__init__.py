@@ -53,6 +53,10 @@ class DataConfig:
     limit_eval: int = 0  # use only the first n validation and n test items (0: all)
     generate_if_missing: bool = False  # build the data set into `root` when it is absent
     generate: dict[str, Any] = field(default_factory=dict)  # options of the generator
+    # How pixels become float (hrsel.io.bands): {} = uint8 / 255, uint16 / 65535, float as is; or
+    # {mean: [...], std: [...]}, {offset: ..., scale: ...}, {percentiles: [1, 99]}, {mean: auto, std: auto}
+    # (computed over `sample` training images once, saved as band_norm.json in the run folder).
+    band_norm: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # free keys: build_dataset(**options)
 
 
@@ -351,6 +355,9 @@ def validate(cfg: Config) -> None:
     check_option_values("model", cfg.model.options)  # K, M, I, sizes, probabilities, nested options too
     check_option_values("data", cfg.data.options)
     check_option_values("data.generate", cfg.data.generate)
+    from hrsel.io.bands import check_spec  # numpy only: config errors stay fast
+
+    check_spec(cfg.data.band_norm)
 
 
 def _validate_val_split(cfg: Config) -> None:

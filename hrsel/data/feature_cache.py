@@ -102,7 +102,7 @@ def write_bag(path: str | os.PathLike, source: Any, grid: Any, encoder: Encoder,
             dim = encode(encoder, torch.zeros(1, source.channels, p, p, dtype=torch.uint8), device).shape[1]
             features = f.create_dataset("features", shape=(0, dim), dtype=dtype)
         for chunk in stream_patches(source, grid, chunk_size=batch_size, workers=workers):
-            emb = encode(encoder, chunk.patches, device)  # (b, D) float32
+            emb = encode(encoder, chunk.patches, device, getattr(source, "band_norm", None))  # (b, D) float32
             if features is None:
                 features = f.create_dataset("features", shape=(n, emb.shape[1]), dtype=dtype,
                                             chunks=(min(batch_size, n), emb.shape[1]))
@@ -116,9 +116,15 @@ def write_bag(path: str | os.PathLike, source: Any, grid: Any, encoder: Encoder,
     return path
 
 
-def encode(encoder: Encoder, patches: "torch.Tensor", device: str) -> np.ndarray:  # noqa: F821
-    """(b, C, p, p) uint8 patches -> (b, D) float32 numpy embeddings; a feature map is average-pooled."""
-    x = patches.to(device).float().div_(255)
+def encode(encoder: Encoder, patches: "torch.Tensor", device: str,  # noqa: F821
+           normalizer: Any = None) -> np.ndarray:
+    """(b, C, p, p) patches -> (b, D) float32 numpy embeddings; a feature map is average-pooled.
+
+    Pixels become float as in `ImageBatch` (`hrsel.io.bands.to_float`: uint8 / 255, uint16 / 65535,
+    or `normalizer`)."""
+    from hrsel.io.bands import to_float
+
+    x = to_float(patches.to(device), normalizer)
     out = encoder(x)
     if out.ndim == 4:  # (b, D, h, w) feature map
         out = out.mean(dim=(2, 3))

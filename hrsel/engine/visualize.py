@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrsel.io.pixels import to_display
+
 MAX_SIDE = 768  # pixels of the drawn image
 
 
@@ -86,9 +88,13 @@ def display_array(image: Any) -> np.ndarray:
         arr = image[..., ::step, ::step].detach().cpu()
         if arr.dtype.is_floating_point:
             arr = (arr.clamp(0, 1) * 255).round()
-        arr = arr.to(torch.uint8).permute(1, 2, 0).numpy()  # (C, h, w) -> (h, w, C)
+        if arr.dtype not in (torch.uint8, torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            arr = arr.float()  # uint16 bands: stretched below, like a source's thumbnail
+            arr = to_display(arr.permute(1, 2, 0).numpy())
+        else:
+            arr = arr.to(torch.uint8).permute(1, 2, 0).numpy()  # (C, h, w) -> (h, w, C)
     else:
-        arr = np.asarray(image.thumbnail(MAX_SIDE))
+        arr = to_display(np.asarray(image.thumbnail(MAX_SIDE)))  # uint16 / float bands: 1..99 % stretch
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.shape[-1] == 1:

@@ -7,7 +7,7 @@ import numpy as np
 
 from hrsel.errors import ImageReadError
 from hrsel.io.base import ImageSource, Pyramid
-from hrsel.io.pixels import to_uint8
+from hrsel.io.pixels import to_native
 
 CHANNEL_COUNTS = (1, 3, 4)
 
@@ -47,9 +47,9 @@ def as_numpy(array: Any) -> np.ndarray:
 class ArraySource(ImageSource):
     """A single-level image held in memory: (H, W), (H, W, C) or (C, H, W).
 
-    Pixels follow `hrsel.io.pixels`: uint8 kept, bool -> {0, 255}, float in [0, 1] -> uint8,
-    anything else (uint16, float 0..255, NaN) a `PixelTypeError`. A 4th channel is kept as is
-    (an array does not say whether it is alpha or a fourth band).
+    Pixels follow `hrsel.io.pixels`: uint8 and uint16 kept, bool -> {0, 255}, float -> float32
+    (NaN or inf, int16, int32... a `PixelTypeError`). A 4th channel is kept as is (an array does
+    not say whether it is alpha or a fourth band); more bands need layout='hwc' or 'chw'.
     """
 
     backend = "array"
@@ -62,7 +62,7 @@ class ArraySource(ImageSource):
             values = values[:, :, None]
         elif layout == "chw":
             values = values.transpose(1, 2, 0)
-        self.array = np.ascontiguousarray(to_uint8(values, name=f"in-memory array of shape {tuple(values.shape)}"))
+        self.array = np.ascontiguousarray(to_native(values, name=f"in-memory array of shape {tuple(values.shape)}"))
         self._mpp = mpp
 
     def _open(self) -> np.ndarray:
@@ -70,7 +70,8 @@ class ArraySource(ImageSource):
 
     def _describe(self, handle: np.ndarray) -> Pyramid:
         h, w, c = handle.shape
-        return Pyramid(level_dimensions=((w, h),), channels=c, level_downsamples=(1.0,), mpp=self._mpp)
+        return Pyramid(level_dimensions=((w, h),), channels=c, level_downsamples=(1.0,), mpp=self._mpp,
+                       dtype=handle.dtype.name)
 
     def _read(self, handle: np.ndarray, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         return handle[y : y + height, x : x + width].copy()

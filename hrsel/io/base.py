@@ -1,11 +1,12 @@
 """The one protocol every image backend follows (OpenSlide's conventions).
 
 (x, y) are level-0 pixel coordinates; (width, height) are pixels of the level
-read; sizes are (width, height) tuples; pixels come back as (h, w, c) uint8.
+read; sizes are (width, height) tuples; pixels come back as (h, w, c) of the source's
+`dtype` (uint8, uint16 or float32: `hrsel.io.pixels.NATIVE_DTYPES`), one channel per band.
 A backend implements `_open` (the handle, opened lazily so sources pickle by
 path), `_describe` (the pyramid) and `_read` (an in-bounds window of a level);
 the base class does argument checks, edge padding, thumbnails and pickling.
-`hrsel.io.pixels` says how other dtypes and alpha become uint8, the same for every backend.
+`hrsel.io.pixels` says which dtypes are kept and how alpha is dropped, the same for every backend.
 """
 from __future__ import annotations
 
@@ -56,12 +57,14 @@ class Pyramid:
     channels: int
     level_downsamples: tuple[float, ...] | None = None  # None: from the dimensions
     mpp: float | None = None
+    dtype: str = "uint8"  # the pixels handed over: uint8, uint16 or float32
 
 
 class ImageSource:
     """A lazily opened, picklable, thread-safe image with one or more levels."""
 
     backend = "abstract"
+    band_norm: Any = None  # a hrsel.io.bands.BandNormalizer set from data.band_norm; None: the dtype's default
 
     def __init__(self, path: str | None = None, *, fill: int = 255):
         if not 0 <= int(fill) <= 255:
@@ -81,7 +84,7 @@ class ImageSource:
         raise NotImplementedError
 
     def _read(self, handle: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """(height, width, channels) uint8 from level pixels [y, y+h) x [x, x+w), all in bounds."""
+        """(height, width, channels) of `dtype` from level pixels [y, y+h) x [x, x+w), all in bounds."""
         raise NotImplementedError
 
     def _read_into(self, handle: Any, level: int, x: int, y: int, out: np.ndarray) -> None:
@@ -169,6 +172,18 @@ class ImageSource:
     def mpp(self) -> float | None:
         return self.pyramid.mpp
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the pixels read: uint8, uint16 or float32 (`hrsel.io.pixels`)."""
+        return np.dtype(self.pyramid.dtype)
+
+    @property
+    def fill_value(self) -> int | float:
+        """`fill` (8-bit grey) in units of `dtype`: what pixels outside the image read as."""
+        from hrsel.io.pixels import fill_value
+
+        return fill_value(self.fill, self.dtype)
+
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The deepest level whose downsample does not exceed `downsample`."""
         best = 0
@@ -191,10 +206,10 @@ class ImageSource:
     def read_region(
         self, x: int, y: int, width: int, height: int, level: int = 0, *, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """Pixels (height, width, channels) uint8 of `level`, top-left at level-0 (x, y).
+        """Pixels (height, width, channels) of `dtype` at `level`, top-left at level-0 (x, y).
 
-        Pixels outside the image are `fill`. With `out` (a writable (height, width,
-        channels) uint8 array) the pixels are written there and `out` is returned.
+        Pixels outside the image are `fill_value`. With `out` (a writable (height, width,
+        channels) array of `dtype`) the pixels are written there and `out` is returned.
         """
         level = self.check_level(level)
         downsample = self.level_downsamples[level]
@@ -223,8 +238,8 @@ class ImageSource:
         if inside:
             return self._checked_read(level, lx, ly, width, height, out)
         if out is None:
-            out = np.empty((height, width, self.channels), dtype=np.uint8)
-        out[...] = self.fill
+            out = np.empty((height, width, self.channels), dtype=self.dtype)
+        out[...] = self.fill_value
         if x1 > x0 and y1 > y0:
             self._checked_read(level, x0, y0, x1 - x0, y1 - y0, out[y0 - ly : y1 - ly, x0 - lx : x1 - lx])
         return out
@@ -232,13 +247,13 @@ class ImageSource:
     def read_level_patches(
         self, level_coords: np.ndarray, size: int, level: int = 0, *, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """(n, size, size, channels) uint8 patches with top-left `level_coords` (n, 2) (x, y) in
+        """(n, size, size, channels) patches of `dtype` with top-left `level_coords` (n, 2) (x, y) in
         pixels of `level`; pixels outside the image are `fill`. Checks once, not per patch."""
         level = self.check_level(level)
         coords = np.asarray(level_coords).reshape(-1, 2).tolist()  # Python ints: cheaper to loop on
         expected = (len(coords), int(size), int(size), self.channels)
         if out is None:
-            out = np.empty(expected, dtype=np.uint8)
+            out = np.empty(expected, dtype=self.dtype)
         else:
             self._check_out(out, expected)
         level_w, level_h = self.level_dimensions[level]
@@ -250,9 +265,9 @@ class ImageSource:
         return out
 
     def _check_out(self, out: np.ndarray, expected: tuple[int, ...]) -> None:
-        if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != np.uint8 or not out.flags.writeable:
+        if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != self.dtype or not out.flags.writeable:
             raise ValueError(
-                f"out must be a writable uint8 numpy array of shape {expected} for {self._name()}, got "
+                f"out must be a writable {self.dtype} numpy array of shape {expected} for {self._name()}, got "
                 f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', None)}"
             )
 
@@ -275,9 +290,9 @@ class ImageSource:
                 "re-export or re-download it"
             ) from error
         expected = (height, width, self.channels)
-        if region.shape != expected or region.dtype != np.uint8:
+        if region.shape != expected or region.dtype != self.dtype:
             raise ImageReadError(
-                f"{self.backend} backend returned {region.dtype} {region.shape} instead of uint8 "
+                f"{self.backend} backend returned {region.dtype} {region.shape} instead of {self.dtype} "
                 f"{expected} for {self._name()}"
             )
         return region

@@ -1,6 +1,7 @@
 """Ordinary images (PNG, JPEG, BMP, WebP...) through Pillow, decoded once on first read."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -8,21 +9,24 @@ import numpy as np
 
 from hrsel.errors import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 from hrsel.io.base import ImageSource, Pyramid, check_file
-from hrsel.io.pixels import composite_alpha, from_16bit, to_uint8
+from hrsel.io.pixels import composite_alpha, to_native
 
 GRAY_MODES = ("1", "L", "LA", "La")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+logger = logging.getLogger(__name__)
 
 
 class PillowSource(ImageSource):
     """A single-level image small enough to decode whole; gray stays 1 channel, the rest RGB.
 
     Pixels (the rules of `hrsel.io.pixels`):
-    - 16-bit PNGs, gray or colour, keep the high byte of each sample (v >> 8): 65535 -> 255,
-      1000 -> 3, never saturated; the float handed to a model is within 1 / 255 of v / 65535.
-    - 32-bit integer images other than PNG and float ('F') images follow `to_uint8`: float in
-      [0, 1] is scaled by 255, anything else is a `PixelTypeError` naming the file and range.
+    - 16-bit gray PNGs (Pillow mode "I;16") are read as uint16, every bit kept (1000 stays 1000),
+      and normalised like a uint16 TIFF at the hand-over. Pillow itself reduces 16-bit colour
+      PNGs to 8 bits when it decodes them (a warning says so); save those as TIFF to keep them.
+    - Float ('F') images become float32; 32-bit integer ('I') images other than PNG are refused
+      with a `PixelTypeError` naming the file, as every backend refuses int32.
     - Alpha (RGBA, LA, palette or colour-key transparency) is composited on grey `fill` by
       `composite_alpha`, the same rule `TiffSource` applies to RGBA TIFFs, so both give the
       same pixels; gray + alpha stays 1 channel.
@@ -59,11 +63,14 @@ class PillowSource(ImageSource):
         return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)  # (H, W, C)
 
     def _decode(self, image: Any) -> np.ndarray:
-        """(H, W) or (H, W, C) uint8 pixels of an open Pillow image."""
+        """(H, W) or (H, W, C) pixels (uint8, uint16 or float32) of an open Pillow image."""
         if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
-            return from_16bit(np.asarray(image))  # a PNG's "I" is 16-bit gray
-        if image.mode in ("I", "F"):  # 32-bit integer or float samples
-            return to_uint8(np.asarray(image), name=repr(self.path))
+            return np.asarray(image).astype(np.uint16)  # a PNG's "I" is 16-bit gray; native byte order
+        if image.mode in ("I", "F"):  # 32-bit integer (refused, as by every backend) or float samples
+            return to_native(np.asarray(image), name=repr(self.path))
+        if image.format == "PNG" and _is_16bit_colour(image):
+            logger.warning("%r is a 16-bit colour PNG: Pillow decodes it to 8 bits per sample; save it as "
+                           "TIFF to keep all 16", self.path)
         gray = image.mode in GRAY_MODES or _is_gray_alpha_16bit(image)  # palette images become RGB
         if image.mode in ALPHA_MODES or "transparency" in image.info:
             return composite_alpha(np.asarray(image.convert("LA" if gray else "RGBA")), fill=self.fill)
@@ -71,13 +78,18 @@ class PillowSource(ImageSource):
 
     def _describe(self, handle: np.ndarray) -> Pyramid:
         h, w, c = handle.shape
-        return Pyramid(level_dimensions=((w, h),), channels=c, level_downsamples=(1.0,))
+        return Pyramid(level_dimensions=((w, h),), channels=c, level_downsamples=(1.0,), dtype=handle.dtype.name)
 
     def _read(self, handle: np.ndarray, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         return handle[y : y + height, x : x + width].copy()
 
     def _close(self, handle: np.ndarray) -> None:
         pass
+
+
+def _is_16bit_colour(image: Any) -> bool:
+    """True for a PNG whose stored samples are 16-bit colour (raw modes 'RGB;16B', 'RGBA;16B', 'LA;16B')."""
+    return bool(image.tile) and str(image.tile[0][3]).endswith(";16B")
 
 
 def _is_gray_alpha_16bit(image: Any) -> bool:

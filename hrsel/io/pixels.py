@@ -1,17 +1,21 @@
-"""The pixel rules every backend shares: which dtypes become uint8 and how, and how alpha is dropped.
+"""The pixel rules every backend shares: which dtypes are read, how they are kept, how alpha is dropped.
 
-Sources hand over (h, w, c) uint8; the pipelines divide by 255 at the hand-over to float.
+Sources hand over (h, w, c) pixels in one of three native dtypes (`NATIVE_DTYPES`), with the
+band count as channels; the conversion to float happens once, at the hand-over to torch
+(`hrsel.io.bands.BandNormalizer`: uint8 / 255, uint16 / 65535, float as is, or the per-band
+statistics of `data.band_norm`).
 
-- uint8 is kept; bool becomes {0, 255}.
-- float must lie in [0, 1] (half an 8-bit step of slack) and becomes round(255 v). Floats outside
-  that range (say 0..255) or NaN are refused with `PixelTypeError` naming the image, dtype and the
-  range seen: clipping them would silently turn the image white.
-- Other integer dtypes (uint16, int32...) are refused: TIFF and zarr uint16 often hold 10-, 12- or
-  14-bit data, so no fixed scale is right. 16-bit PNGs are the exception (`from_16bit`): PNG
-  samples are 16 significant bits, so they keep their high byte, v >> 8, as Pillow already does
-  for 16-bit colour PNGs; v / 65535 and (v >> 8) / 255 differ by less than 1 / 255.
+- uint8 and uint16 are kept as read; bool becomes uint8 {0, 255}.
+- float (16, 32 or 64 bit) becomes float32, any finite value (reflectances, dB, 0..10000):
+  the range is checked at the hand-over (float without `data.band_norm` must lie in [0, 1]).
+  NaN or inf are refused with `PixelTypeError` naming the image and the range seen.
+- Other integer dtypes (int16, int32, uint32...) are refused with `PixelTypeError`: convert
+  them to uint16 or float32 first.
+- 16-bit PNGs stay uint16 (Pillow mode "I;16"), normalised like a uint16 TIFF.
 - Alpha (PNG RGBA/LA/palette transparency, TIFF ExtraSamples 1 or 2) is composited on the
-  source's `fill` grey with `composite_alpha`, the same integer formula for every format.
+  source's `fill` grey with `composite_alpha`, the same formula for every format and dtype.
+- `fill` (the padding grey past the image edge) is given in 8-bit units and scaled to the
+  dtype by `fill_value`: 255 -> 65535 for uint16, 1.0 for float.
 """
 from __future__ import annotations
 
@@ -19,68 +23,103 @@ import numpy as np
 
 from hrsel.errors import PixelTypeError
 
-FLOAT_SLACK = 0.5 / 255.0  # floats within half an 8-bit step outside [0, 1] still round into 0..255
+NATIVE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
 def value_range(values: np.ndarray) -> str:
     """'lo..hi' of the values (NaN named), for messages."""
     if values.size == 0:
         return "empty"
-    if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
         finite = values[np.isfinite(values)]
         span = f"{finite.min():g}..{finite.max():g}" if finite.size else "none finite"
-        return f"{span} and NaN"
+        return f"{span} and NaN or inf"
     return f"{values.min():g}..{values.max():g}"
 
 
-def check_dtype(dtype: np.dtype, *, name: str) -> None:
-    """Refuse, before any read, dtypes that `to_uint8` never converts (integers other than uint8)."""
+def native_dtype(dtype: np.dtype, *, name: str) -> np.dtype:
+    """The dtype a source hands over for stored `dtype` (uint8, uint16 or float32); refuses the rest."""
     dtype = np.dtype(dtype)
-    if dtype == np.uint8 or dtype == np.bool_ or np.issubdtype(dtype, np.floating):
-        return
+    if dtype == np.bool_ or dtype == np.uint8:
+        return np.dtype(np.uint8)
+    if dtype.kind == "u" and dtype.itemsize == 2:
+        return np.dtype(np.uint16)
+    if dtype.kind == "f":
+        return np.dtype(np.float32)
     raise PixelTypeError(
-        f"{name} has dtype {dtype} (values up to {_dtype_max(dtype)}); hrsel reads uint8, bool or float "
-        "in [0, 1] pixels and cannot tell how many of the bits are used (10, 12, 14 or 16). Convert it "
-        "first, e.g. (a / a.max() * 255).astype(np.uint8) or (a >> 8).astype(np.uint8) for full 16-bit data"
+        f"{name} has dtype {dtype} (values up to {_dtype_max(dtype)}); hrsel reads uint8, uint16, bool or "
+        "float pixels. Convert it first, e.g. np.clip(a, 0, 65535).astype(np.uint16) for non-negative "
+        "integers, or a.astype(np.float32) and set data.band_norm to scale it"
     )
+
+
+def check_dtype(dtype: np.dtype, *, name: str) -> None:
+    """Refuse, before any read, dtypes that `to_native` never converts."""
+    native_dtype(dtype, name=name)
 
 
 def _dtype_max(dtype: np.dtype) -> str:
     return str(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else "?"
 
 
-def to_uint8(values: np.ndarray, *, name: str = "array") -> np.ndarray:
-    """uint8 as is, bool -> {0, 255}, float in [0, 1] -> round(255 v); anything else `PixelTypeError`."""
-    if values.dtype == np.uint8:
-        return values
+def to_native(values: np.ndarray, *, name: str = "array") -> np.ndarray:
+    """uint8 / uint16 as is, bool -> uint8 {0, 255}, float -> float32 (finite only); else `PixelTypeError`."""
+    dtype = native_dtype(values.dtype, name=name)
     if values.dtype == np.bool_:
         return values.astype(np.uint8) * 255
-    check_dtype(values.dtype, name=name)
-    if values.size and not (values.min() >= -FLOAT_SLACK and values.max() <= 1.0 + FLOAT_SLACK):  # NaN fails too
+    if dtype.kind == "f" and values.size and not np.isfinite(values).all():
         raise PixelTypeError(
-            f"{name} has {values.dtype} pixels in {value_range(values)} (in the region read); hrsel reads "
-            "float pixels in [0, 1] and does not clip or guess a scale. Fix: rescale the file, e.g. "
-            "a / 255 for 0..255 data or (a - a.min()) / (a.max() - a.min()), replace NaN, or save it as uint8"
+            f"{name} has {values.dtype} pixels in {value_range(values)} (in the region read); hrsel "
+            "does not guess what NaN or inf stand for. Fix: replace them (np.nan_to_num) or mask them in the file"
         )
-    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return values if values.dtype == dtype else values.astype(dtype)  # float64 -> float32, '>u2' -> native
 
 
-def from_16bit(values: np.ndarray) -> np.ndarray:
-    """16-bit samples (0..65535) -> uint8 high byte, v >> 8: the 8-bit value nearest below v / 65535 * 255."""
-    return (np.asarray(values).astype(np.uint32) >> 8).astype(np.uint8)
+def fill_value(fill: int, dtype: np.dtype) -> int | float:
+    """The 8-bit grey `fill` (0..255) in units of `dtype`: uint16 fill * 257, float fill / 255."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return int(fill)
+    if dtype.kind == "u":
+        return int(fill) * (np.iinfo(dtype).max // 255)
+    return float(fill) / 255.0
 
 
 def composite_alpha(pixels: np.ndarray, *, fill: int, associated: bool = False) -> np.ndarray:
-    """(h, w, c) uint8 whose last channel is alpha -> (h, w, c - 1) uint8 composited on grey `fill`.
+    """(h, w, c) pixels whose last channel is alpha -> (h, w, c - 1) composited on grey `fill` (8-bit units).
 
-    Unassociated (straight) alpha: round((v a + fill (255 - a)) / 255); associated (premultiplied):
-    min(255, v + round(fill (255 - a) / 255)). Opaque pixels keep their value, transparent ones are `fill`.
+    For uint8, unassociated (straight) alpha: round((v a + fill (255 - a)) / 255); associated
+    (premultiplied): min(255, v + round(fill (255 - a) / 255)); uint16 the same with 65535 and
+    fill * 257; float with alpha in [0, 1]. Opaque pixels keep their value, transparent ones are `fill`.
     """
-    colour = pixels[..., :-1].astype(np.uint32)
-    alpha = pixels[..., -1:].astype(np.uint32)
-    background = int(fill) * (255 - alpha)
+    if pixels.dtype.kind == "f":
+        colour, alpha = pixels[..., :-1], np.clip(pixels[..., -1:], 0.0, 1.0)
+        background = fill_value(fill, pixels.dtype) * (1.0 - alpha)
+        return (colour + background if associated else colour * alpha + background).astype(pixels.dtype)
+    top = int(np.iinfo(pixels.dtype).max)
+    colour = pixels[..., :-1].astype(np.uint64)
+    alpha = pixels[..., -1:].astype(np.uint64)
+    background = fill_value(fill, pixels.dtype) * (top - alpha)
     if associated:
-        out = colour + (background + 127) // 255
+        out = colour + (background + top // 2) // top
     else:
-        out = (colour * alpha + background + 127) // 255
-    return np.minimum(out, 255).astype(np.uint8)
+        out = (colour * alpha + background + top // 2) // top
+    return np.minimum(out, top).astype(pixels.dtype)
+
+
+def to_display(values: np.ndarray) -> np.ndarray:
+    """(h, w, c) pixels of any native dtype -> uint8 for pictures and Otsu masks.
+
+    uint8 is returned as is; uint16 and float are stretched per channel between their 1st and
+    99th percentiles (so 12-bit data in uint16 is not nearly black). Not for model input.
+    """
+    if values.dtype == np.uint8:
+        return values
+    data = values.astype(np.float32)
+    flat = data.reshape(-1, data.shape[-1]) if data.ndim == 3 else data.reshape(-1, 1)
+    finite = np.where(np.isfinite(flat), flat, np.nan)
+    lo = np.nanpercentile(finite, 1, axis=0) if flat.size else np.zeros(flat.shape[1])
+    hi = np.nanpercentile(finite, 99, axis=0) if flat.size else np.ones(flat.shape[1])
+    lo, hi = np.nan_to_num(lo), np.nan_to_num(hi)
+    scaled = (data - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return np.rint(np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -16,12 +16,13 @@ THUMBNAIL_READ_PIXELS = 1 << 28  # 268 M pixels (16384^2): a level this large de
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """(h, w, c) uint8 -> (ceil(h/f), ceil(w/f), c) uint8; edge blocks average their valid pixels."""
+    """(h, w, c) -> (ceil(h/f), ceil(w/f), c) of the same dtype (integers rounded); edge blocks
+    average their valid pixels."""
     if factor == 1:
         return image
     h, w, c = image.shape
     out_h, out_w = -(-h // factor), -(-w // factor)
-    padded = np.zeros((out_h * factor, out_w * factor, c), dtype=np.float32)
+    padded = np.zeros((out_h * factor, out_w * factor, c), dtype=np.float64 if image.dtype != np.uint8 else np.float32)
     padded[:h, :w] = image
     sums = padded.reshape(out_h, factor, out_w, factor, c).sum(axis=(1, 3))  # (oh, ow, c)
     rows = np.full(out_h, factor, dtype=np.float32)
@@ -29,7 +30,8 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     cols = np.full(out_w, factor, dtype=np.float32)
     cols[-1] = w - (out_w - 1) * factor
     counts = rows[:, None, None] * cols[None, :, None]
-    return np.rint(sums / counts).astype(np.uint8)
+    means = sums / counts
+    return means.astype(image.dtype) if image.dtype.kind == "f" else np.rint(means).astype(image.dtype)
 
 
 def thumbnail_from(
@@ -50,7 +52,7 @@ def thumbnail_from(
     factor = max(1, math.ceil(max(width, height) / max_size))
     if target >= 1.0:
         factor = 1
-    row_bytes = width * source.channels
+    row_bytes = width * source.channels * source.dtype.itemsize
     strip_rows = max(factor, (STRIP_BYTES // max(row_bytes, 1)) // factor * factor)
     downsample = source.level_downsamples[level]
     strips = []

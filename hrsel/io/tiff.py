@@ -15,7 +15,7 @@ import numpy as np
 
 from hrsel.errors import ImageReadError, UnsupportedFormatError
 from hrsel.io.base import ImageSource, Pyramid, check_file
-from hrsel.io.pixels import composite_alpha
+from hrsel.io.pixels import NATIVE_DTYPES, composite_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,14 @@ def _make_store(tifffile: Any, tif: Any, path: str) -> Any:
 
 
 def tiff_mpp(page: Any) -> float | None:
-    """Microns per pixel from an Aperio description or the resolution tags, else None."""
+    """Microns per pixel from an Aperio description, OME-XML PhysicalSizeX or the resolution tags, else None."""
     description = str(getattr(page, "description", "") or "")
     match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
     if match:
         return float(match.group(1))
+    ome = ome_mpp(description)
+    if ome is not None:
+        return ome
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
         return None
@@ -65,6 +68,22 @@ def tiff_mpp(page: Any) -> float | None:
     if microns is None or per_unit <= 1:
         return None
     return microns / per_unit
+
+
+OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}  # -> microns
+
+
+def ome_mpp(description: str) -> float | None:
+    """Microns per pixel from the first `PhysicalSizeX` of an OME-XML description (unit default µm)."""
+    if "<OME" not in description:
+        return None
+    size = re.search(r'PhysicalSizeX\s*=\s*"([0-9.eE+-]+)"', description)
+    unit = re.search(r'PhysicalSizeXUnit\s*=\s*"([^"]+)"', description)
+    scale = OME_UNITS.get(unit.group(1) if unit else "µm")
+    if size is None or scale is None:
+        return None
+    value = float(size.group(1)) * scale
+    return value if value > 0 else None
 
 
 def check_complete(tif: Any, path: str, series: Any) -> None:
@@ -141,11 +160,12 @@ class TiffSource(ImageSource):
     """Tiled or striped TIFF (pyramids included) read segment by segment with tifffile.
 
     Reads need no shared lock (os.pread + tifffile's GIL-free decoders), so
-    several threads decode in parallel. Layouts it does not handle (planar
-    separate samples, volumes, non-uint8) raise `UnsupportedFormatError`;
-    `open_image` then falls back to `ZarrSource`, which reads any TIFF and
-    refuses integer pixels other than uint8 and floats outside [0, 1] with a
-    `PixelTypeError` (the rules of `hrsel.io.pixels`).
+    several threads decode in parallel. uint8, uint16 and float32 samples are
+    read in their own dtype, any number of bands (a 4-band uint16 GeoTIFF has 4
+    channels); uint8 decodes straight into the caller's buffer where it can.
+    Layouts it does not handle (planar separate samples, volumes, other dtypes)
+    raise `UnsupportedFormatError`; `open_image` then falls back to `ZarrSource`,
+    which reads any TIFF and refuses the dtypes `hrsel.io.pixels` refuses.
 
     An alpha extra sample (ExtraSamples 1 associated or 2 unassociated, see
     `tiff_alpha`) is composited on grey `fill` exactly as `PillowSource` does
@@ -197,9 +217,10 @@ class TiffSource(ImageSource):
         check_complete(tif, self.path, series)
         pages = [level.keyframe for level in getattr(series, "levels", [series])]
         for page in pages:
-            if page.dtype != np.uint8 or page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+            native = page.dtype is not None and np.dtype(page.dtype).newbyteorder("=") in NATIVE_DTYPES
+            if not native or page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
                 raise UnsupportedFormatError(
-                    f"{self.path!r}: TiffSource reads 2-D uint8 contiguous TIFFs, this one has "
+                    f"{self.path!r}: TiffSource reads 2-D uint8, uint16 or float32 contiguous TIFFs, this one has "
                     f"dtype {page.dtype}, depth {page.imagedepth}, planarconfig {page.planarconfig}; "
                     "use ZarrSource"
                 )
@@ -208,10 +229,11 @@ class TiffSource(ImageSource):
     def _describe(self, handle: TiffPages) -> Pyramid:
         dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in handle.pages)
         channels = int(handle.pages[0].samplesperpixel) - (handle.alpha is not None)
-        return Pyramid(dims, channels=channels, mpp=tiff_mpp(handle.pages[0]))
+        dtype = np.dtype(handle.pages[0].dtype).newbyteorder("=")
+        return Pyramid(dims, channels=channels, mpp=tiff_mpp(handle.pages[0]), dtype=dtype.name)
 
     def _read(self, handle: TiffPages, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        out = np.empty((height, width, handle.pages[level].samplesperpixel), dtype=np.uint8)
+        out = np.empty((height, width, handle.pages[level].samplesperpixel), dtype=self.dtype)
         self._read_segments(handle, level, x, y, out)
         if handle.alpha is None:
             return out
@@ -237,7 +259,7 @@ class TiffSource(ImageSource):
                 window = out[y0 - y : y1 - y, x0 - x : x1 - x]
                 data = self._segment_bytes(handle.fd, page, row * cols + col)
                 if data is None:  # a sparse TIFF's missing tile
-                    window[...] = self.fill
+                    window[...] = self.fill_value
                     continue
                 segment = handle.repeats.get((level, data))  # (seg rows, seg cols, S) or None
                 if segment is None:
@@ -292,6 +314,8 @@ class TiffSource(ImageSource):
         import tifffile
 
         if page.compression not in RAW_CODECS or page.predictor != 1 or page.fillorder != 1:
+            return False
+        if window.dtype != np.uint8:  # wider samples have a byte order: page.decode swaps them
             return False
         if not window.flags.c_contiguous:
             return False

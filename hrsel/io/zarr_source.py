@@ -15,7 +15,7 @@ import numpy as np
 from hrsel.errors import ImageReadError, UnsupportedFormatError
 from hrsel.io.array import infer_layout
 from hrsel.io.base import ImageSource, Pyramid, check_file
-from hrsel.io.pixels import check_dtype, composite_alpha, to_uint8
+from hrsel.io.pixels import composite_alpha, native_dtype, to_native
 from hrsel.io.tiff import TIFF_MAGICS, tiff_alpha
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ def _ome_mpp(scale: dict[str, Any], names: list[str]) -> float | None:
 class ZarrSource(ImageSource):
     """zarr-backed image: a path (.zarr store or TIFF), a zarr array or group.
 
-    Pixels follow `hrsel.io.pixels`: integer dtypes other than uint8 are refused when the
-    source opens (`PixelTypeError` naming the file and dtype); float pixels must lie in [0, 1],
-    checked on every region read (the message names the file, dtype and the range seen), never
-    clipped. A TIFF's alpha sample is composited on `fill` as `TiffSource` does; a 4th channel
+    Pixels follow `hrsel.io.pixels`: uint8 and uint16 are kept, float becomes float32 (NaN or inf
+    refused on the region read, naming the file and the range seen), other integer dtypes are
+    refused when the source opens (`PixelTypeError` naming the file and dtype). A TIFF's alpha sample is composited on `fill` as `TiffSource` does; a 4th channel
     of a zarr store is kept (zarr does not say whether it is alpha).
     """
 
@@ -144,12 +143,13 @@ class ZarrSource(ImageSource):
 
     def _describe(self, levels: Levels) -> Pyramid:
         dims, channels = [], 1
+        dtype = native_dtype(levels.arrays[0].dtype, name=self._name())
         for array in levels.arrays:
-            check_dtype(array.dtype, name=self._name())
+            native_dtype(array.dtype, name=self._name())
             shape = dict(zip(levels.axes, array.shape))
             dims.append((int(shape["x"]), int(shape["y"])))
             channels = int(shape.get("c", 1)) - (levels.alpha is not None)
-        return Pyramid(tuple(dims), channels=channels, mpp=self._mpp or levels.mpp)
+        return Pyramid(tuple(dims), channels=channels, mpp=self._mpp or levels.mpp, dtype=dtype.name)
 
     def _read(self, levels: Levels, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         index = []
@@ -168,7 +168,7 @@ class ZarrSource(ImageSource):
         block = block.transpose(order)  # (h, w[, c])
         if block.ndim == 2:
             block = block[:, :, None]
-        block = to_uint8(block, name=self._name())
+        block = to_native(block, name=self._name())
         if levels.alpha is not None:
             return composite_alpha(block, fill=self.fill, associated=levels.alpha == "associated")
         return np.ascontiguousarray(block)

@@ -2,7 +2,10 @@
 
 Kernels (leading underscore) take arrays and scalars only; the public wrappers
 check shapes and dtypes first and name what is wrong. Every kernel has a numpy
-reference in `tests/test_tiling.py`.
+reference in `tests/test_tiling.py` (uint8) and `tests/test_multispectral.py`
+(uint16, float32). Image kernels are typed by Numba per dtype: uint8 (the fast
+path), uint16 and float32 compile to their own specialisations of the same code;
+`_downscale_mean_float` averages float images without integer rounding.
 """
 from __future__ import annotations
 
@@ -98,22 +101,40 @@ def _gather_patches(patches, indices, out):
         out[j] = patches[indices[j]]
 
 
+@numba.njit(cache=True, nogil=True)
+def _block_sum(image, y0, y1, x0, x1, ch, total):
+    """total + the sum of image[y0:y1, x0:x1, ch] (total's type sets the accumulator: 0 or 0.0)."""
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            total += image[y, x, ch]
+    return total
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _downscale_mean(image, factor, out):
     """Block average (h, w, c) -> (ceil(h/f), ceil(w/f), c); edge blocks average valid pixels."""
     h, w, channels = image.shape
-    out_h, out_w = out.shape[0], out.shape[1]
-    for oy in numba.prange(out_h):
+    for oy in numba.prange(out.shape[0]):
         y1 = min((oy + 1) * factor, h)
-        for ox in range(out_w):
+        for ox in range(out.shape[1]):
             x1 = min((ox + 1) * factor, w)
             count = (y1 - oy * factor) * (x1 - ox * factor)
             for ch in range(channels):
-                total = 0
-                for y in range(oy * factor, y1):
-                    for x in range(ox * factor, x1):
-                        total += image[y, x, ch]
+                total = _block_sum(image, oy * factor, y1, ox * factor, x1, ch, 0)
                 out[oy, ox, ch] = (2 * total + count) // (2 * count)  # round half up
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _downscale_mean_float(image, factor, out):
+    """As `_downscale_mean` for float images: the plain mean, accumulated in float64."""
+    h, w, channels = image.shape
+    for oy in numba.prange(out.shape[0]):
+        y1 = min((oy + 1) * factor, h)
+        for ox in range(out.shape[1]):
+            x1 = min((ox + 1) * factor, w)
+            count = (y1 - oy * factor) * (x1 - ox * factor)
+            for ch in range(channels):
+                out[oy, ox, ch] = _block_sum(image, oy * factor, y1, ox * factor, x1, ch, 0.0) / count
 
 
 @numba.njit(cache=True, nogil=True)
@@ -141,11 +162,14 @@ def _box_fractions(mask, boxes):
 # ---- checked wrappers ---------------------------------------------------------------------
 
 
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))  # hrsel.io.pixels.NATIVE_DTYPES
+
+
 def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.dtype != np.uint8:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.dtype not in IMAGE_DTYPES:
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
-        raise ValueError(f"{name} must be a (h, w, c) uint8 numpy array, got {dtype} {shape}")
+        raise ValueError(f"{name} must be a (h, w, c) uint8, uint16 or float32 numpy array, got {dtype} {shape}")
     return image
 
 
@@ -169,13 +193,14 @@ def extract_patches(
     size: int,
     out: np.ndarray | None = None,
     *,
-    fill: int = 0,
+    fill: int | float = 0,
     parallel: bool = True,
     channels_last: bool = False,
 ) -> np.ndarray:
-    """Copy size x size patches at (x, y) `coords` of an (h, w, c) uint8 image into (n, c, p, p).
+    """Copy size x size patches at (x, y) `coords` of an (h, w, c) image into (n, c, p, p), same dtype.
 
-    Pixels past the image edge are `fill`. `out` (preallocated, uint8) is reused when given.
+    The image is uint8, uint16 or float32. Pixels past the image edge are `fill` (in the image's
+    units: `ImageSource.fill_value`). `out` (preallocated, the image's dtype) is reused when given.
     `parallel=False` stays on the calling thread (use it from Python worker threads).
     `channels_last=True` gives (n, p, p, c): row copies, no transpose.
     """
@@ -187,16 +212,18 @@ def extract_patches(
     n, channels = coords.shape[0], image.shape[2]
     expected = (n, size, size, channels) if channels_last else (n, channels, size, size)
     if out is None:
-        out = np.empty(expected, dtype=np.uint8)
-    elif out.shape != expected or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous uint8 array of shape {expected}, got {out.dtype} {out.shape}")
+        out = np.empty(expected, dtype=image.dtype)
+    elif out.shape != expected or out.dtype != image.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous {image.dtype} array of shape {expected}, got {out.dtype} {out.shape}"
+        )
     kernel = _extract_patches if parallel else _extract_patches_serial
-    kernel(image, coords, size, np.uint8(fill), out, bool(channels_last))
+    kernel(image, coords, size, image.dtype.type(fill), out, bool(channels_last))
     return out
 
 
 def gather_patches(patches: np.ndarray, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """patches[indices] for (N, C, p, p) uint8 patches, in parallel, into (k, C, p, p)."""
+    """patches[indices] for (N, C, p, p) patches (any dtype), in parallel, into (k, C, p, p)."""
     if not isinstance(patches, np.ndarray) or patches.ndim != 4:
         raise ValueError(f"patches must be an (N, C, p, p) numpy array, got {getattr(patches, 'shape', None)}")
     indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
@@ -212,14 +239,16 @@ def gather_patches(patches: np.ndarray, indices: np.ndarray, out: np.ndarray | N
 
 
 def downscale_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Block-average an (h, w, c) uint8 image by an integer factor -> (ceil(h/f), ceil(w/f), c)."""
+    """Block-average an (h, w, c) image by an integer factor -> (ceil(h/f), ceil(w/f), c), same dtype.
+
+    uint8 and uint16 round half up; float32 is the plain mean."""
     image = _check_image(image)
     factor = int(factor)
     if factor <= 0:
         raise ValueError(f"downscale factor must be a positive integer, got {factor}")
     h, w, c = image.shape
-    out = np.empty((-(-h // factor), -(-w // factor), c), dtype=np.uint8)
-    _downscale_mean(image, factor, out)
+    out = np.empty((-(-h // factor), -(-w // factor), c), dtype=image.dtype)
+    (_downscale_mean_float if image.dtype.kind == "f" else _downscale_mean)(image, factor, out)
     return out
 
 

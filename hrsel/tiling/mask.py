@@ -33,6 +33,10 @@ def foreground_mask(thumbnail: np.ndarray, *, foreground: str = "dark", min_cont
     """
     if foreground not in ("dark", "bright"):
         raise ValueError(f"foreground={foreground!r}; use 'dark' (tissue on white) or 'bright'")
+    if thumbnail.dtype != np.uint8:  # uint16 / float bands: stretched to 0..255 (hrsel.io.pixels.to_display)
+        from hrsel.io.pixels import to_display
+
+        thumbnail = to_display(thumbnail if thumbnail.ndim == 3 else thumbnail[:, :, None])
     gray = thumbnail.mean(axis=2) if thumbnail.ndim == 3 else thumbnail.astype(np.float64)
     gray = np.rint(gray).astype(np.uint8)
     if int(gray.max()) - int(gray.min()) < min_contrast:

@@ -1,7 +1,7 @@
 """Stream every patch of a grid in chunks, read by a thread pool with bounded prefetch.
 
 Memory in flight is at most (prefetch + 1) chunks of (chunk_size, C, p, p)
-uint8, whatever the image size. Patches made of whole stored tiles are decoded
+pixels of the source's dtype (uint8, uint16 or float32), whatever the image size. Patches made of whole stored tiles are decoded
 straight into the chunk; other patches next to each other on a grid row are
 read with one `read_level_region` call and cut from it.
 
@@ -36,7 +36,7 @@ CHEAP_READ_S = 30e-6  # per patch: below this, handing reads to threads costs mo
 class PatchChunk(NamedTuple):
     indices: np.ndarray  # (n,) int64 positions in the grid (rows of grid.coords)
     coords: np.ndarray  # (n, 2) int64 level-0 (x, y) top-left corners
-    patches: "torch.Tensor"  # (n, C, p, p) uint8, channels_last memory format
+    patches: "torch.Tensor"  # (n, C, p, p) of the source's dtype (uint8, uint16, float32), channels_last
 
 
 def as_source(source_or_array: Any, fill: int | None = None) -> ImageSource:
@@ -159,7 +159,7 @@ def stream_patches(
         image = source.array
         for start in starts:
             sl = slice(start, start + chunk_size)
-            patches = extract_patches(image, grid.level_coords[sl], grid.patch_size, fill=source.fill,
+            patches = extract_patches(image, grid.level_coords[sl], grid.patch_size, fill=source.fill_value,
                                       channels_last=True)
             yield PatchChunk(np.arange(sl.start, sl.start + len(patches), dtype=np.int64), coords[sl],
                              channels_first(patches))
@@ -171,7 +171,7 @@ def stream_patches(
     def submit(start: int) -> None:
         level_coords = grid.level_coords[start : start + chunk_size]
         p = grid.patch_size
-        buffer = np.empty((len(level_coords), p, p, source.channels), dtype=np.uint8)
+        buffer = np.empty((len(level_coords), p, p, source.channels), dtype=source.dtype)
         futures = []
         aligned = tile_aligned(source, grid, level_coords)
         inline = pool is None or cost.cheap
@@ -210,7 +210,7 @@ def read_patches(
     workers: int = 0,
     fill: int | None = None,
 ) -> "torch.Tensor":
-    """(n, C, size, size) uint8 patches with level-0 top-left `coords` (n, 2) (x, y), read at `level`.
+    """(n, C, size, size) patches (the source's dtype) with level-0 top-left `coords` (n, 2) (x, y), read at `level`.
 
     Like `stream_patches`, the result is in channels_last memory format.
     """
@@ -225,8 +225,8 @@ def read_patches(
     if size <= 0:
         raise ValueError(f"patch size must be positive, got {size}")
     if isinstance(source, ArraySource) and level == 0:
-        return channels_first(extract_patches(source.array, coords, size, fill=source.fill, channels_last=True))
-    out = np.empty((coords.shape[0], size, size, source.channels), dtype=np.uint8)
+        return channels_first(extract_patches(source.array, coords, size, fill=source.fill_value, channels_last=True))
+    out = np.empty((coords.shape[0], size, size, source.channels), dtype=source.dtype)
 
     def read_one(i: int) -> None:
         out[i] = source.read_region(int(coords[i, 0]), int(coords[i, 1]), size, size, level)
