@@ -24,12 +24,12 @@ from typing import Any
 
 from hrsel.config import Config, check_builder_options, check_data_root, dump_config, load_config
 from hrsel.config.checks import check_components, check_eval_metric
-from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError
+from hrsel.errors import ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError, RunFolderError
 
 log = logging.getLogger("hrsel.train")
 
 EXIT_CONFIG = 2
-BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError)  # exit status 2
+BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError)  # exit status 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,6 +137,7 @@ class Splits:
     val: Any | None
     test: Any
     record: dict[str, Any]  # how the validation set was made; the run folder keeps it as validation.json
+    band_norm: Any = None  # the BandNormalizer of data.band_norm (None: dtype default); saved as band_norm.json
 
 
 def build_datasets(cfg: Config) -> Splits:
@@ -170,6 +171,20 @@ def _build_splits(cfg: Config) -> Splits:
                           f"data.val_fraction of {cfg.data.train_split!r}") from None
     return Splits(train, val, test, {"val_split": mode, "rule": f"the data set's own {mode!r} split",
                                      "size": len(val)})
+
+
+BAND_NORM_FILE = "band_norm.json"  # the run's computed data.band_norm statistics (hrsel.io.bands)
+
+
+def apply_band_norm(cfg: Config, splits: Splits, *, resuming: bool) -> None:
+    """Resolve data.band_norm (computed ones once over training images; a resumed run reloads the run folder's
+    band_norm.json) and give every split's image sources the normaliser."""
+    from hrsel.data.band_norm import resolve_band_norm, with_band_norm
+
+    saved = cfg.run_dir / BAND_NORM_FILE if resuming else None
+    splits.band_norm = resolve_band_norm(cfg.data.band_norm, splits.train, saved=saved)
+    splits.train, splits.val, splits.test = (with_band_norm(part, splits.band_norm)
+                                             for part in (splits.train, splits.val, splits.test))
 
 
 def validation_mode(cfg: Config, train: Any = None) -> str:
@@ -366,6 +381,7 @@ def train(request: RunRequest, info: Any, device: Any) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + info.rank)
     collate = load_collate()
     splits = build_datasets(cfg)
+    apply_band_norm(cfg, splits, resuming=state is not None)
     check_eval_metric(cfg, splits.train.tasks)  # the tasks are known now; nothing is trained or written yet
     record_validation(splits, run_dir / "validation.json", resuming=state is not None, write=False)
     pipeline = build_pipeline(cfg, splits.train.tasks).to(device)
@@ -413,6 +429,8 @@ def write_run_folder(request: RunRequest, splits: Splits, info: Any) -> None:
         validation = run_dir / "validation.json"
         record_validation(splits, validation, resuming=False, write=request.checkpoint is None
                           or not validation.is_file())
+        if splits.band_norm is not None and (request.checkpoint is None or not (run_dir / BAND_NORM_FILE).is_file()):
+            splits.band_norm.save(run_dir / BAND_NORM_FILE)
     distributed.barrier(info)
     setup_logging(run_dir, is_main=info.is_main)
     if moved is not None:

@@ -74,3 +74,17 @@ def test_io_stream_tiny(tmp_path):
     assert all(len(r["patches_per_s_rounds"]) == 1 and r["patches_per_s"] > 0 and r["peak_rss_mb"] > 0
                for r in rows.values())
     assert "pyramid 2k^2: stream_capped / naive" in stdout and "numba / unfold" in stdout
+
+
+def test_memory_ips_tissue_quick(tmp_path):
+    out = tmp_path / "memory.json"
+    stdout = run("memory.py", "--quick", "--methods", "ips_tissue", "--tissue-sides", "1024,2048", "--cache",
+                 str(tmp_path / "slides"), "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["side"], r["status"]) for r in rows] == [("ips_tissue", 1024, "ok"),
+                                                                     ("ips_tissue", 2048, "ok")]
+    # 64-pixel patches: 6 of the 16 tiles of 1024^2 and 9 of the 64 tiles of 2048^2 are tissue (16 cells each);
+    # the glass and the pen strokes are never scored
+    assert [r["patches_scored"] for r in rows] == [96.0, 144.0]
+    assert all(r["peak_mb"] > 0 for r in rows) and "ips_tissue: peak grows" in stdout
+    assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == ["tissue_1024.tif", "tissue_2048.tif"]

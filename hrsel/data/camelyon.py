@@ -71,11 +71,24 @@ def slide_labels(root: str | os.PathLike, slides: list[Path], labels_csv: str | 
 
 
 class Camelyon16(torch.utils.data.Dataset):
-    """Slides as lazy `ImageSource`s with a binary `tumor` label; `grid(i)` is the tissue grid."""
+    """Slides as lazy `ImageSource`s with a binary `tumor` label; `grid(i)` is the tissue grid.
+
+    With `tissue=True` items also hold "tissue": the slide's `TissueMask` (hrsel.tiling.tissue,
+    cached with a QC picture in `tissue_cache`, default <root>/tissue_masks), so the pipelines
+    score only patches with >= `min_tissue_fraction` tissue.
+    """
 
     def __init__(self, *, root: str | os.PathLike, split: str = "train", labels_csv: str | None = None,
-                 patch_size: int = 256, level: int = 0, min_tissue_fraction: float = 0.5):
+                 patch_size: int = 256, level: int = 0, min_tissue_fraction: float = 0.5, tissue: bool = False,
+                 tissue_cache: str = "", tissue_size: int = 1024):
         self.root, self.split = Path(root), split
+        self.tissue = None
+        if tissue:
+            from hrsel.data.tissue_cache import TissueCache, check_tissue_options
+
+            check_tissue_options(min_tissue_fraction=min_tissue_fraction, tissue_size=tissue_size)
+            self.tissue = TissueCache(tissue_cache or self.root / "tissue_masks", min_fraction=min_tissue_fraction,
+                                      max_size=tissue_size)
         self.slides = list_slides(root, split)
         self.labels = slide_labels(root, self.slides, labels_csv)
         self.tasks = dict(TASKS)
@@ -97,7 +110,10 @@ class Camelyon16(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         targets = {"tumor": torch.tensor(float(self.labels[index]))}
-        return {"image": self.source(index), "targets": targets, "id": self.slides[index].stem}
+        item = {"image": self.source(index), "targets": targets, "id": self.slides[index].stem}
+        if self.tissue is not None:
+            item["tissue"] = self.tissue.get(item["id"], item["image"], path=str(self.slides[index]))
+        return item
 
 
 def compute_feature_cache(source: Any, grid: Any, encoder: Callable[[torch.Tensor], torch.Tensor],

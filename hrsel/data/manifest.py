@@ -5,6 +5,9 @@
       root: data/my_slides          # the manifest is read from here
       manifest: slides.csv          # path,label[,split][,fold]; image paths relative to the CSV's folder
       target_mpp: 0.5               # optional: read each slide at the level closest to 0.5 um/px
+      tissue: true                  # optional: score only patches on tissue (hrsel.tiling.tissue)
+      min_tissue_fraction: 0.5      #   the share of a patch that must be tissue
+      tissue_cache: ""              #   where masks and QC pictures go ("" = <root>/tissue_masks)
 
 Splits, in this order:
 1. a `split` column (train / val / test) is used as written; `val` rows are the data set's own
@@ -19,7 +22,9 @@ Without `val` rows the trainer holds out data.val_fraction of `train` (validatio
 with this data set's own rule under "data_split").
 
 Items: {"image": the opened ImageSource (a `LevelView` of the level serving target_mpp), "targets",
-"id" (the path as written, without suffix), "path"}; sources open lazily and pickle by path, so they
+"id" (the path as written, without suffix), "path"} and, with `tissue: true`, "tissue": the image's
+`TissueMask` (computed once from its thumbnail, cached with a QC picture; `hrsel.data.tissue_cache`),
+which the trainer and predict hand to the pipeline as candidate cells; sources open lazily and pickle by path, so they
 cross DataLoader workers. Images of different sizes need data.batch_size: 1.
 """
 from __future__ import annotations
@@ -96,7 +101,8 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, *, root: str | os.PathLike, split: str = "train", manifest: str = "slides.csv",
                  tasks: dict | list | None = None, target_mpp: float | None = None, fold: int | None = None,
-                 test_fraction: float = 0.2, split_seed: int = 0, check_images: bool = True):
+                 test_fraction: float = 0.2, split_seed: int = 0, check_images: bool = True, tissue: bool = False,
+                 min_tissue_fraction: float = 0.5, tissue_cache: str = "", tissue_size: int = 1024):
         if target_mpp is not None and not target_mpp > 0:
             raise DataError(f"config key 'data.target_mpp' = {target_mpp!r} must be a positive number of microns "
                             "per pixel (e.g. 0.5 for 20x), or unset to read level 0")
@@ -121,6 +127,13 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.labels = {t: [self.table.label_ids(t, i)[0] for i in self.indices]
                        for t, spec in self.tasks.items() if spec.kind != "multilabel"}
         self.ids = _ids([self.table.rows[i] for i in self.indices])
+        self.tissue = None
+        if tissue:
+            from hrsel.data.tissue_cache import TissueCache, check_tissue_options
+
+            check_tissue_options(min_tissue_fraction=min_tissue_fraction, tissue_size=tissue_size)
+            self.tissue = TissueCache(tissue_cache or Path(root) / "tissue_masks", min_fraction=min_tissue_fraction,
+                                      max_size=tissue_size)
         log.info("manifest %s: %d %s image(s), tasks %s", csv_path, len(self.indices), wanted,
                  {t: s.kind for t, s in self.tasks.items()})
 
@@ -141,8 +154,11 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.row(index)
-        return {"image": self.source(index), "targets": self.table.targets(self.indices[index]),
+        item = {"image": self.source(index), "targets": self.table.targets(self.indices[index]),
                 "id": self.ids[index], "path": str(row.path)}
+        if self.tissue is not None:
+            item["tissue"] = self.tissue.get(self.ids[index], item["image"], path=str(row.path))
+        return item
 
 
 def _table(csv_path: Path, **options: Any) -> ManifestTable:

@@ -43,6 +43,7 @@ from hrsel.engine.logbook import (FILE_ONLY, RunLog, Throughput, epoch_line, pea
 from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, schedule_steps, set_lr
 from hrsel.engine.visualize import draw_batch
 from hrsel.errors import HrselError
+from hrsel.models.candidates import pipeline_inputs
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.tasks import TaskSpec
 
@@ -187,7 +188,7 @@ class Trainer:
         self.throughput.start()
         before = copy_buffers(self.module) if self.cfg.train.skip_nan_updates else None
         with self._maybe_no_sync(not boundary), self._autocast():
-            out: PipelineOutput = self.model(images)
+            out: PipelineOutput = self.model(images, **pipeline_inputs(self.model, batch))
             loss, parts = M.multitask_loss(out.logits, targets, self.tasks, task_weights=self.cfg.train.task_weights,
                                            class_weights=self.class_weights)
             loss = loss + self.module.auxiliary_loss(out, targets)
@@ -252,7 +253,7 @@ class Trainer:
                     self._stop_evaluating(final=pictures == "test/")
                 images, y = self._to_device(batch)
                 with self._autocast():
-                    out = self.model(images)
+                    out = self.model(images, **pipeline_inputs(self.model, batch))
                 for t in self.tasks:
                     logits[t].append(out.logits[t].float().cpu())
                     targets[t].append(y[t].cpu())

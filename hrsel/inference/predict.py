@@ -66,8 +66,10 @@ def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = unique_stems([item.path for item in items])
     columns = csv_columns(model, labelled=any(item.labels for item in items))
-    target_mpp = getattr(getattr(model.config, "data", None), "target_mpp", None)
-    loader = DataLoader(_Inputs(items, target_mpp=target_mpp), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
+    target_mpp = (getattr(getattr(model.config, "data", None), "options", None) or {}).get("target_mpp")
+    loader = DataLoader(_Inputs(items, target_mpp=target_mpp, tissue=_tissue_cache(model, out_dir),
+                                band_norm=run_band_norm(model)),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
     result = PredictResult(out_dir=out_dir, rows=[], files={"geojson": [], "zarr": [], "picture": []})
     kept_logits: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     kept_targets: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
@@ -110,8 +112,9 @@ class _Inputs(Dataset):
     With the run's `data.target_mpp`, an image is the `LevelView` of its level serving it, as in training.
     """
 
-    def __init__(self, items: list[PredictInput], *, target_mpp: float | None = None):
-        self.items, self.target_mpp = items, target_mpp
+    def __init__(self, items: list[PredictInput], *, target_mpp: float | None = None, tissue: Any = None,
+                 band_norm: Any = None):
+        self.items, self.target_mpp, self.tissue, self.band_norm = items, target_mpp, tissue, band_norm
 
     def __len__(self) -> int:
         return len(self.items)
@@ -132,7 +135,36 @@ class _Inputs(Dataset):
                 from hrsel.io.level_view import LevelView, level_for_mpp
 
                 entry["image"] = LevelView(entry["image"], level_for_mpp(entry["image"], self.target_mpp))
+            if self.band_norm is not None:  # the run's data.band_norm: pixels become floats as in training
+                entry["image"].band_norm = self.band_norm
+            if self.tissue is not None:  # the run trained with data.tissue: the same candidate cells
+                entry["tissue"] = self.tissue.get(str(item.path), entry["image"], path=str(item.path))
         return entry
+
+
+def run_band_norm(model: Any) -> Any:
+    """The BandNormalizer the run trained with: its band_norm.json, else its static data.band_norm, else None."""
+    from hrsel.io.bands import BandNormalizer, needs_data, normalizer_from_spec
+
+    saved = Path(model.checkpoint_path).parent / "band_norm.json"
+    if saved.is_file():
+        return BandNormalizer.load(saved)
+    spec = getattr(getattr(model.config, "data", None), "band_norm", None) or None
+    if spec and needs_data(spec):
+        raise DataError(f"the run trained with data.band_norm={spec} computed from its images, but {saved} is "
+                        f"missing; copy it from the run folder next to the checkpoint")
+    return normalizer_from_spec(spec) if spec else None
+
+
+def _tissue_cache(model: Any, out_dir: Path) -> Any:
+    """The run's data.tissue masks, cached in `out_dir/tissue/` (None when the run scored every patch)."""
+    options = getattr(getattr(model.config, "data", None), "options", None) or {}
+    if not options.get("tissue"):
+        return None
+    from hrsel.data.tissue_cache import TissueCache
+
+    return TissueCache(out_dir / "tissue", min_fraction=float(options.get("min_tissue_fraction", 0.5)),
+                       max_size=int(options.get("tissue_size", 1024)))
 
 
 def _as_list(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -162,8 +194,11 @@ def _forward(model: Any, group: list[dict[str, Any]], *, progress: bool) -> Any:
         from hrsel.models.patches import check_channels
 
         check_channels(images, in_chans=pipeline.in_chans)  # ChannelMismatchError naming the image
+    from hrsel.models.candidates import pipeline_inputs
+
+    inputs = pipeline_inputs(pipeline, {"tissue": [entry.get("tissue") for entry in group]})
     with _autocast(model), _patch_bar(pipeline, group, progress):
-        return pipeline(images)
+        return pipeline(images, **inputs)
 
 
 def _autocast(model: Any):

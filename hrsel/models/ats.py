@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hrsel.errors import ConfigError
+from hrsel.models.candidates import candidate_masks, nan_outside, restrict_attention
 from hrsel.models.backbones import build_backbone
 from hrsel.models.heads import TaskHeads
 from hrsel.models.patches import ImageBatch, check_channels, with_coordinate_channels
@@ -64,7 +65,8 @@ class ATSPipeline(Pipeline):
         self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
 
-    def forward(self, images) -> PipelineOutput:
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`tissue`: None or one mask per image; the attention is zero (never drawn) off tissue."""
         if self.coord_channels:
             check_channels(images, in_chans=self.in_chans)  # named before the 2 position channels join
             images = with_coordinate_channels(images)
@@ -73,6 +75,9 @@ class ATSPipeline(Pipeline):
         grid = self.scorer(batch.downscaled(self.downscale))  # (B, rows, cols)
         geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)
         attention = smoothed_attention(grid.flatten(1), self.attention_smoothing)  # (B, N)
+        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1],
+                                     min_count=self.k, device=attention.device)
+        attention = restrict_attention(attention, candidates)
         if self.training or self.sample_at_inference:
             drawn = sample_without_replacement(attention, self.k)  # (B, K), draw order
         else:
@@ -84,7 +89,8 @@ class ATSPipeline(Pipeline):
             features = F.normalize(features, dim=-1)
         pooled = expectation_without_replacement(attention, features, drawn)  # (B, D)
         return PipelineOutput(logits=self.heads(pooled[:, None]), indices=drawn.sort(dim=1).values,
-                              scores=attention.detach(), aux_loss=self.entropy_loss(attention),
+                              scores=nan_outside(attention.detach(), candidates),
+                              aux_loss=self.entropy_loss(attention),
                               stats={"patches_scored": float(geometry.num_patches)})
 
     def entropy_loss(self, attention: torch.Tensor) -> torch.Tensor | None:

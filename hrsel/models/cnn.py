@@ -31,7 +31,8 @@ class CNNPipeline(Pipeline):
         self.backbone = build_backbone(backbone, in_chans=in_chans + 2 * coord_channels, **(backbone_options or {}))
         self.heads = TaskHeads(tasks=tasks, in_dim=self.backbone.out_dim, hidden_dim=head_hidden)
 
-    def forward(self, images) -> PipelineOutput:
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`tissue` is accepted for a uniform interface and ignored: the CNN sees the whole image."""
         if self.coord_channels:
             check_channels(images, in_chans=self.in_chans)  # named before the 2 position channels join
             images = with_coordinate_channels(images)

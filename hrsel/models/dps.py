@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hrsel.errors import ConfigError
+from hrsel.models.candidates import candidate_masks, exclude, nan_outside, restrict_below, restrict_normalized
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.heads import TaskHeads, task_loss
 from hrsel.models.patches import ImageBatch
@@ -60,14 +61,22 @@ class SoftTopK(torch.nn.Module):
                                         final=self.sigma_final)
         self.sigma = float(schedule(step))
 
-    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(B, N) raw scores -> (indicators (B, K, N) or None when hard, indices (B, K) in raster order)."""
+    def forward(self, scores: torch.Tensor,
+                candidates: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, N) raw scores -> (indicators (B, K, N) or None when hard, indices (B, K) in raster order).
+
+        `candidates` (B, N) bool: only those cells can be selected (each row needs >= K of them);
+        the perturbed selector normalises over the candidates, Sinkhorn puts the others one
+        candidate range below (`hrsel.models.candidates`).
+        """
         if self.selector == "hard" or (not self.training and self.inference_selector == "hard"):
-            return None, hard_topk(scores.detach(), self.k)
+            return None, hard_topk(exclude(scores.detach(), candidates), self.k)
         if self.selector == "sinkhorn":
-            y = sinkhorn_topk(scores, self.k, self.epsilon, self.iterations)
+            y = sinkhorn_topk(scores if candidates is None else restrict_below(scores, candidates), self.k,
+                              self.epsilon, self.iterations)
         else:
-            y = perturbed_topk(normalize_scores(scores), self.k, self.sigma, self.num_samples)
+            normalized = normalize_scores(scores) if candidates is None else restrict_normalized(scores, candidates)
+            y = perturbed_topk(normalized, self.k, self.sigma, self.num_samples)
         return y, y.detach().argmax(dim=-1)
 
 
@@ -142,10 +151,13 @@ class DPSPipeline(Pipeline):
         geometry = GridGeometry.centred(batch.image_hw, tuple(grid.shape[1:]), patch_size=self.patch_size)
         return grid.flatten(1), geometry
 
-    def forward(self, images) -> PipelineOutput:
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`tissue`: None or one mask per image; cells off tissue are scored but never selected."""
         batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         scores, geometry = self.score(batch)
-        indicators, indices = self.select(scores)
+        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1],
+                                     min_count=self.select.k, device=scores.device)
+        indicators, indices = self.select(scores, candidates)
         if indicators is None:
             patches, positions = batch.gather(geometry, indices), indices
         else:
@@ -159,7 +171,8 @@ class DPSPipeline(Pipeline):
         aux = None
         if self.training and self.entropy_coef:
             aux = self.entropy_coef * entropy_regularizer(scores)
-        return PipelineOutput(logits=logits, indices=indices, scores=scores.detach(), aux_loss=aux, extras=extras,
+        return PipelineOutput(logits=logits, indices=indices, scores=nan_outside(scores.detach(), candidates),
+                              aux_loss=aux, extras=extras,
                               stats={"sigma": self.select.sigma, "patches_scored": float(geometry.num_patches)})
 
     def classify(self, batch: ImageBatch, patches: torch.Tensor,

@@ -4,6 +4,10 @@
    patch downscaled by `score_downscale`), keep the top C candidates (`iterative_topm`).
 2. With grad: re-read the C candidates, re-score them, run perturbed top-K over the C
    candidates only, and mix the K soft patches from the C candidate patches.
+
+With `tissue=` (one mask per image) step 1 streams only the cells on tissue, image by image
+(each image has its own list, so each keeps its own C <= its tissue cells; shorter lists are
+padded with absent candidates that the selector never picks).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hrsel.models.candidates import candidate_masks
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.dps import SoftTopK
 from hrsel.models.patches import ImageBatch
@@ -19,7 +24,7 @@ from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
 from hrsel.select import entropy_regularizer
 from hrsel.select.extract import GridGeometry
-from hrsel.select.ips import iterative_topm
+from hrsel.select.ips import TopMResult, iterative_topm
 from hrsel.tasks import TaskSpec
 
 
@@ -79,16 +84,41 @@ class DPSCandidatesPipeline(Pipeline):
         small = F.avg_pool2d(patches.flatten(0, 1), self.score_downscale)  # (B*n, C, p/d, p/d)
         return self.scorer(small, grid_shape=(1, 1)).view(b, n)
 
-    def forward(self, images) -> PipelineOutput:
+    @torch.no_grad()
+    def _stream(self, batch: ImageBatch, geometry: GridGeometry, cells: torch.Tensor | None = None) -> TopMResult:
+        """The no-grad pass over the grid (or only `cells`) -> the top C, all_scores (B, N) NaN where unseen."""
+        c = min(self.num_candidates, geometry.num_patches if cells is None else len(cells))
+        chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk, cells))
+        found = iterative_topm(chunks, m=c, score_fn=lambda items, mask, idx: items, record_scores=True)
+        found.all_scores = F.pad(found.all_scores, (0, geometry.num_patches - found.all_scores.shape[1]),
+                                 value=float("nan"))
+        return found
+
+    def _stream_one_by_one(self, images, geometry: GridGeometry, on_tissue: torch.Tensor) -> TopMResult:
+        """`_stream` image by image over its own (B, N) candidate cells; C padded with absent slots (-1)."""
+        device = next(self.parameters()).device
+        parts = [self._stream(ImageBatch(images[i:i + 1], device=device), geometry, row.nonzero()[:, 0])
+                 for i, row in enumerate(on_tissue)]
+        c = max(part.indices.shape[1] for part in parts)
+        pad = [c - part.indices.shape[1] for part in parts]
+        return TopMResult(indices=torch.cat([F.pad(r.indices, (0, n), value=-1) for r, n in zip(parts, pad)]),
+                          items=torch.cat([F.pad(r.items, (0, n)) for r, n in zip(parts, pad)]),
+                          scores=torch.cat([F.pad(r.scores, (0, n), value=float("-inf")) for r, n in zip(parts, pad)]),
+                          mask=torch.cat([F.pad(r.mask, (0, n), value=False) for r, n in zip(parts, pad)]),
+                          all_scores=torch.cat([r.all_scores for r in parts]))
+
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`tissue`: None or one mask per image; only cells on tissue are streamed and selected."""
         batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
-        c = min(self.num_candidates, geometry.num_patches)
-        with torch.no_grad():
-            chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk))
-            found = iterative_topm(chunks, m=c, score_fn=lambda items, mask, idx: items, record_scores=True)
+        on_tissue = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1],
+                                    min_count=self.k)
+        found = self._stream(batch, geometry) if on_tissue is None else self._stream_one_by_one(images, geometry,
+                                                                                              on_tissue)
         candidates = batch.gather(geometry, found.indices)  # (B, C, ch, p, p)
         scores = self.score_patches(candidates)  # (B, C), with grad
-        indicators, picked = self.select(scores)
+        real = None if bool(found.mask.all()) else found.mask  # padded slots (-1) are never selected
+        indicators, picked = self.select(scores, real)
         if indicators is None:
             patches = candidates.gather(1, picked[:, :, None, None, None].expand(-1, -1, *candidates.shape[2:]))
         else:
@@ -99,4 +129,5 @@ class DPSCandidatesPipeline(Pipeline):
         if self.training and self.entropy_coef:
             aux = self.entropy_coef * entropy_regularizer(scores)
         return PipelineOutput(logits=logits, indices=indices, scores=found.all_scores, aux_loss=aux,
-                              stats={"sigma": self.select.sigma, "patches_scored": float(geometry.num_patches)})
+                              stats={"sigma": self.select.sigma, "patches_scored": float(
+                                  geometry.num_patches if on_tissue is None else on_tissue.sum() / batch.batch_size)})

@@ -5,6 +5,9 @@
 2. With grad, train mode: re-read the M chosen patches, encode and aggregate them.
 Peak memory depends on M, I and the patch size, not on the image size.
 
+With `tissue=` (one mask per image, see `hrsel.models.candidates`) only the candidate cells
+on tissue are streamed, image by image (each has its own list); the others are never read.
+
 Images may also be bags of pre-extracted patch features ((B, N, D) or a list of (N_i, D),
 the IPS CAMELYON16 setup): the "backbone" is then a projector of the features
 (`feature_projector`), and bags of different lengths go through the selection one by one.
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from hrsel.errors import ConfigError
 from hrsel.models.bags import FeatureBags, is_feature_bags
+from hrsel.models.candidates import candidate_masks
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.patches import ImageBatch
 from hrsel.models.pipeline import Pipeline, PipelineOutput
@@ -72,32 +76,40 @@ class IPSPipeline(Pipeline):
         return self.classifier.aggregator.attention_logits(items, mask=mask, positions=indices).float().cpu()
 
     @torch.no_grad()
-    def select(self, batch: ImageBatch | FeatureBags, geometry: GridGeometry | None = None):
+    def select(self, batch: ImageBatch | FeatureBags, geometry: GridGeometry | None = None,
+               cells: torch.Tensor | None = None):
         """The no-grad pass -> TopMResult with indices (B, M) in raster order.
 
         `all_scores` (B, N) is every patch's attention as if all N were scored in one round:
         the attention logits of a patch do not depend on the set, so they are recorded as each
         chunk arrives (N x heads x tasks floats, on the host) and normalised over all N
         at the end. The selection itself uses the attention over buffer + chunk, as IPS does.
+        `cells` (n,): stream only those grid cells (their scores; NaN elsewhere).
         """
         if isinstance(batch, FeatureBags):
             chunks, num_items = batch.chunks(self.chunk_size), batch.sizes[0]
         else:
-            chunks, num_items = batch.chunks(geometry, self.chunk_size), geometry.num_patches
+            chunks = batch.chunks(geometry, self.chunk_size, cells)
+            num_items = geometry.num_patches if cells is None else len(cells)
         was_training = self.training
         self.eval()
         try:
             encoded = ((idx, self.classifier.encode(items)) for idx, items in chunks)
             result = iterative_topm(encoded, m=min(self.num_selected, num_items), score_fn=self._score,
                                     record_fn=self._logits, random_ties=self.shuffle and was_training)
+            if cells is not None:  # logits (B, n' <= N, H*T) at the cells seen: NaN up to N
+                logits = result.all_scores
+                result.all_scores = F.pad(logits, (0, 0, 0, geometry.num_patches - logits.shape[1]),
+                                          value=float("nan"))
             result.all_scores = self.classifier.aggregator.scores_from_logits(result.all_scores)
             return result
         finally:
             self.train(was_training)
 
-    def _select_one_by_one(self, parts: list[ImageBatch | FeatureBags], geometry: GridGeometry | None = None):
+    def _select_one_by_one(self, parts: list[ImageBatch | FeatureBags], geometry: GridGeometry | None = None,
+                           cells: list[torch.Tensor] | None = None):
         """Selection image by image -> indices (B, M), mask (B, M), scores (B, max N) NaN-padded."""
-        results = [self.select(part, geometry) for part in parts]
+        results = [self.select(part, geometry, None if cells is None else cells[i]) for i, part in enumerate(parts)]
         m = max(r.indices.shape[1] for r in results)
         n = max(r.all_scores.shape[1] for r in results)
         indices = torch.cat([F.pad(r.indices, (0, m - r.indices.shape[1]), value=-1) for r in results])
@@ -117,7 +129,8 @@ class IPSPipeline(Pipeline):
         return PipelineOutput(logits=logits, indices=indices, scores=scores,
                               stats={"patches_scored": float(sum(bags.sizes)) / bags.batch_size})
 
-    def forward(self, images) -> PipelineOutput:
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`images`: (B, C, H, W), B lazy sources or feature bags; `tissue`: None or one mask per image."""
         device = next(self.parameters()).device
         if is_feature_bags(images):
             return self._forward_bags(FeatureBags(images, device=device))
@@ -125,13 +138,16 @@ class IPSPipeline(Pipeline):
             images = images.to(device)
         batch = ImageBatch(images, device=device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
-        if self.mode == "eager_sequential":  # one image at a time through the selection pass
+        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1])
+        if candidates is not None or self.mode == "eager_sequential":  # one image at a time through selection
             parts = [ImageBatch(images[i:i + 1], device=device) for i in range(len(images))]
-            indices, mask, scores = self._select_one_by_one(parts, geometry)
+            cells = None if candidates is None else [row.nonzero()[:, 0] for row in candidates]
+            indices, mask, scores = self._select_one_by_one(parts, geometry, cells)
         else:
             result = self.select(batch, geometry)
             indices, mask, scores = result.indices, result.mask, result.all_scores
         patches = batch.gather(geometry, indices)  # (B, M, C, p, p), with grad from here on
         logits = self.classifier(patches, mask=mask, positions=indices)
+        scored = geometry.num_patches if candidates is None else float(candidates.sum()) / batch.batch_size
         return PipelineOutput(logits=logits, indices=indices, scores=scores,
-                              stats={"patches_scored": float(geometry.num_patches)})
+                              stats={"patches_scored": float(scored)})

@@ -13,7 +13,8 @@ computed by a second, no-grad classifier pass. Two stages:
 - finetune: policy and classifier jointly; the classifier's loss is the trainer's task
   loss on the sampled patches (PatchDrop: cross-entropy on the sampled image).
 
-Inference keeps p >= 0.5. See hrsel/select/policy.py for the pieces.
+Inference keeps p >= 0.5. See hrsel/select/policy.py for the pieces. With `tissue=` (one mask
+per image) cells off tissue are always dropped and left out of the policy's loss.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from hrsel.errors import ConfigError
+from hrsel.models.candidates import candidate_masks, nan_outside
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.heads import is_correct
 from hrsel.models.patches import ImageBatch
@@ -113,30 +115,42 @@ class PatchDropPipeline(Pipeline):
     def set_progress(self, step: int, total_steps: int) -> None:
         self._step = step
 
-    def forward(self, images) -> PipelineOutput:
+    def forward(self, images, tissue=None) -> PipelineOutput:
+        """`tissue`: None or one mask per image; cells off tissue are never kept."""
         batch = ImageBatch(images, device=next(self.parameters()).device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size)
         n = geometry.num_patches
         logits_p = self.policy(batch.downscaled(self.downscale), grid_shape=geometry.shape).flatten(1)  # (B, N)
         probs = torch.sigmoid(logits_p)
+        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1],
+                                     device=probs.device)
+        on = None if candidates is None else candidates.to(probs.dtype)  # (B, N) 1 on tissue
+
+        def only(actions: torch.Tensor) -> torch.Tensor:
+            return actions if on is None else actions * on
+
+        ranked = probs if on is None else probs * on  # with_one_kept / max_kept pick among candidates
         stats = {"patches_scored": float(n)}
         if not self.training:
-            logits, indices, kept = self._classify(batch, geometry, greedy_actions(probs), probs)
+            logits, indices, kept = self._classify(batch, geometry, only(greedy_actions(probs)), ranked)
             stats["kept_fraction"] = float(kept.mean()) / n
-            return PipelineOutput(logits=logits, indices=indices, scores=probs.detach(), stats=stats)
+            return PipelineOutput(logits=logits, indices=indices, scores=nan_outside(probs.detach(), candidates),
+                                  stats=stats)
         free = curriculum_free(self._step, num_patches=n, steps=self.curriculum_steps)
         bounded = bound_probs(probs, self.alpha)  # (B, N) the distribution actually sampled
         actions, mask = apply_curriculum(sample_actions(bounded), free)
-        logits, indices, kept = self._classify(batch, geometry, actions, probs)
+        actions, mask = only(actions), only(mask)
+        logits, indices, kept = self._classify(batch, geometry, actions, ranked)
         extras = {"log_prob": log_prob(bounded, actions, mask=mask), "kept_fraction": kept / n}
         if self.baseline_kind == "self_critical":
             with torch.no_grad():
                 greedy, _ = apply_curriculum(greedy_actions(probs), free)
-                greedy_logits, _, greedy_kept = self._classify(batch, geometry, greedy, probs)
+                greedy_logits, _, greedy_kept = self._classify(batch, geometry, only(greedy), ranked)
             extras["greedy_kept_fraction"] = greedy_kept / n
             extras.update({f"greedy_logits/{t}": v.detach() for t, v in greedy_logits.items()})
         stats.update(kept_fraction=float(kept.mean()) / n, free_patches=float(free))
-        return PipelineOutput(logits=logits, indices=indices, scores=probs.detach(), extras=extras, stats=stats)
+        return PipelineOutput(logits=logits, indices=indices, scores=nan_outside(probs.detach(), candidates),
+                              extras=extras, stats=stats)
 
     def _classify(self, batch: ImageBatch, geometry: GridGeometry, actions: torch.Tensor, probs: torch.Tensor):
         """(B, N) 0/1 actions -> (logits, kept indices (B, K) -1 padded, kept count (B,) before the cap)."""

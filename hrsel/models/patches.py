@@ -4,7 +4,10 @@ Pipelines never materialise a full-resolution float image of a lazy source: they
 chunks of grid patches (`hrsel.tiling.stream_patches`, read ahead by threads), read
 chunks at random (one region per grid row segment), gather chosen patches, or build a
 downscaled copy band by band. Memory is O(chunk) or O(downscaled image).
-All patches come back as float in [0, 1] on `device`.
+All patches come back as float on `device`: pixels (uint8, uint16 or float32, one channel per
+band) become float once, here, by the batch's `BandNormalizer` (`hrsel.io.bands`): the one its
+sources carry (`source.band_norm`, from `data.band_norm`), else the dtype's default (uint8 / 255,
+the fast path; uint16 / 65535; float as is).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hrsel.errors import ChannelMismatchError, SelectionError
+from hrsel.errors import ChannelMismatchError, PixelTypeError, SelectionError
+from hrsel.io.bands import to_float
 from hrsel.select.extract import GridGeometry, grid_chunk
 
 
@@ -22,8 +26,18 @@ def _is_source(x: Any) -> bool:
     return hasattr(x, "read_region") and hasattr(x, "dimensions")
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+_to_float = to_float  # (..., C, h, w) pixels -> float, with an optional BandNormalizer (hrsel.io.bands)
+
+
+def source_normalizer(sources: Sequence[Any]) -> Any:
+    """The `BandNormalizer` of a batch of sources: the first one's `band_norm`, else its dtype's default."""
+    from hrsel.io.bands import default_normalizer
+
+    carried = getattr(sources[0], "band_norm", None)
+    if carried is not None:
+        return carried
+    dtype = getattr(sources[0], "dtype", np.dtype(np.uint8))
+    return None if dtype == np.uint8 else default_normalizer(dtype)  # None: the uint8 fast path
 
 
 def check_channels(images: torch.Tensor | Sequence[Any], *, in_chans: int) -> None:
@@ -61,14 +75,15 @@ def with_coordinate_channels(images: Any) -> torch.Tensor:
 
 
 class ImageBatch:
-    """B images of one size: a (B, C, H, W) tensor (uint8 or float in [0, 1]) or a list of sources.
+    """B images of one size: a (B, C, H, W) tensor (uint8, uint16 or float) or a list of sources.
 
     With `in_chans` (the model's), an image of another channel count raises `ChannelMismatchError`
-    naming it, before any pixel is read or any layer runs.
+    naming it, before any pixel is read or any layer runs. `normalizer` (a `hrsel.io.bands.BandNormalizer`)
+    turns pixels into float; by default the sources' own (`source_normalizer`) or the dtype's.
     """
 
     def __init__(self, images: torch.Tensor | Sequence[Any], *, device: torch.device | str | None = None,
-                 in_chans: int | None = None):
+                 in_chans: int | None = None, normalizer: Any = None):
         if isinstance(images, torch.Tensor):
             if images.dim() != 4:
                 raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -92,6 +107,9 @@ class ImageBatch:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
         if in_chans is not None:
             check_channels(images if self.sources is None else self.sources, in_chans=in_chans)
+        if normalizer is None and self.sources is not None:
+            normalizer = source_normalizer(self.sources)
+        self.normalizer = normalizer
         self._padded: dict[GridGeometry, tuple[torch.Tensor, tuple[int, int]]] = {}
 
     @property
@@ -105,11 +123,18 @@ class ImageBatch:
             if geometry not in self._padded:  # pad the (uint8) image once per grid
                 self._padded = {geometry: geometry.pad_image(self.tensor)}
             padded, offset = self._padded[geometry]
-            return _to_float(grid_chunk(padded, geometry, offset, start, stop)).to(self.device)
-        return _to_float(torch.stack([self._source_chunk(s, geometry, start, stop) for s in self.sources]))
+            return self._to_float(grid_chunk(padded, geometry, offset, start, stop)).to(self.device)
+        return self._to_float(torch.stack([self._source_chunk(s, geometry, start, stop) for s in self.sources]))
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return _to_float(x, self.normalizer)
+        except PixelTypeError as error:  # float pixels outside [0, 1] without data.band_norm: name the images
+            names = ", ".join(repr(s) for s in self.sources) if self.is_lazy else "the images tensor"
+            raise PixelTypeError(f"{names}: {error}") from None
 
     def _source_chunk(self, source: Any, geometry: GridGeometry, start: int, stop: int) -> torch.Tensor:
-        """One region read per grid row segment, sliced into patches: (n, C, p, p) uint8."""
+        """One region read per grid row segment, sliced into patches: (n, C, p, p) of the source's dtype."""
         p, cols = geometry.patch_size, geometry.shape[1]
         (sy, sx), (py, px) = geometry.stride, geometry.padding
         parts = []
@@ -121,13 +146,21 @@ class ImageBatch:
             parts.append(strip.unfold(2, p, sx).permute(2, 0, 1, 3))  # (n, C, p, p)
         return torch.cat(parts).to(self.device)
 
-    def chunks(self, geometry: GridGeometry, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(self, geometry: GridGeometry, chunk_size: int,
+               cells: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (indices (B, n) int64, patches (B, n, C, p, p)) over the whole grid in raster order.
 
+        `cells` (n,) int64: only those grid cells (the same for every image of the batch, e.g. the
+        tissue candidates of a one-image batch), in the given order; indices are still grid cells.
         Lazy sources are streamed: reader threads fetch the next chunks while the caller works.
         """
         if self.is_lazy:
-            yield from self._streamed_chunks(geometry, chunk_size)
+            yield from self._streamed_chunks(geometry, chunk_size, cells)
+            return
+        if cells is not None:
+            for start in range(0, len(cells), chunk_size):
+                idx = cells[start:start + chunk_size].to(self.device).expand(self.batch_size, -1)
+                yield idx, self.gather(geometry, idx)
             return
         n = geometry.num_patches
         for start in range(0, n, chunk_size):
@@ -135,10 +168,12 @@ class ImageBatch:
             idx = torch.arange(start, stop, device=self.device).expand(self.batch_size, -1)
             yield idx, self.chunk(geometry, start, stop)
 
-    def _streamed_chunks(self, geometry: GridGeometry, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _streamed_chunks(self, geometry: GridGeometry, chunk_size: int,
+                         cells: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from hrsel.tiling import PatchGrid, stream_patches
 
-        corners = geometry.top_left(torch.arange(geometry.num_patches)).flip(-1).numpy()  # (n, 2) (x, y)
+        cells = torch.arange(geometry.num_patches) if cells is None else cells.cpu()
+        corners = geometry.top_left(cells).flip(-1).numpy()  # (n, 2) (x, y)
         streams = [
             stream_patches(source, PatchGrid.from_corners(corners, image_size=source.dimensions,
                                                           patch_size=geometry.patch_size, stride=geometry.stride[1]),
@@ -147,8 +182,8 @@ class ImageBatch:
         ]
         try:
             for parts in zip(*streams):  # the same chunk of every image
-                idx = torch.from_numpy(parts[0].indices).to(self.device).expand(self.batch_size, -1)
-                yield idx, _to_float(torch.stack([part.patches for part in parts]).to(self.device))
+                idx = cells[torch.from_numpy(parts[0].indices)].to(self.device).expand(self.batch_size, -1)
+                yield idx, self._to_float(torch.stack([part.patches for part in parts]).to(self.device))
         finally:
             for stream in streams:
                 stream.close()  # stops the reader threads when the caller stops early
@@ -167,7 +202,7 @@ class ImageBatch:
 
             rows = [read_patches(source, [(x, y) for y, x in row], p, workers=2)
                     for source, row in zip(self.sources, corners)]
-        out = _to_float(torch.stack(rows).to(self.device))
+        out = self._to_float(torch.stack(rows).to(self.device))
         return out * (indices >= 0).to(out.dtype).to(self.device)[..., None, None, None]
 
     # ---- whole image ---------------------------------------------------------------------
@@ -183,8 +218,9 @@ class ImageBatch:
         if out_h < 1 or out_w < 1:
             raise ValueError(f"downscale factor {factor} is larger than the image (height, width)={self.image_hw}")
         if not self.is_lazy:
-            bands = [F.avg_pool2d(_to_float(self.tensor[:, :, y * factor:(y + band_rows) * factor, :out_w * factor]),
-                                  factor) for y in range(0, out_h, band_rows)]
+            rows = [self.tensor[:, :, y * factor:(y + band_rows) * factor, :out_w * factor]
+                    for y in range(0, out_h, band_rows)]
+            bands = [F.avg_pool2d(self._to_float(band), factor) for band in rows]
             return torch.cat(bands, dim=2).to(self.device)
         return torch.stack([self._source_downscaled(s, factor, out_h, out_w, band_rows) for s in self.sources])
 
@@ -197,11 +233,11 @@ class ImageBatch:
             rows = min(band_rows, out_h - y)
             region = source.read_region(0, int(y * factor), out_w * rest, rows * rest, level)  # (h, w, C)
             band = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None]
-            bands.append(F.avg_pool2d(_to_float(band), rest)[0])
+            bands.append(F.avg_pool2d(self._to_float(band), rest)[0])
         return torch.cat(bands, dim=1).to(self.device)  # (C, out_h, out_w)
 
     def full(self, *, downscale: int = 1) -> torch.Tensor:
         """The whole image as (B, C, H', W') float (optionally downscaled); O(image) memory."""
         if downscale == 1 and not self.is_lazy:
-            return _to_float(self.tensor).to(self.device)
+            return self._to_float(self.tensor).to(self.device)
         return self.downscaled(downscale)

@@ -17,6 +17,9 @@ _EXPORTS = {
     "otsu_threshold": "hrsel.tiling.mask",
     "foreground_mask": "hrsel.tiling.mask",
     "tissue_mask": "hrsel.tiling.mask",
+    "TissueMask": "hrsel.tiling.tissue",
+    "compute_tissue_mask": "hrsel.tiling.tissue",
+    "tissue_pixels": "hrsel.tiling.tissue",
     "kernels": "hrsel.tiling.kernels",
 }
 

@@ -1,0 +1,227 @@
+"""Tissue masks: which part of a slide holds tissue, from its thumbnail, once per image.
+
+    mask = compute_tissue_mask(source)                      # a TissueMask over the whole image
+    fractions = mask.fractions(corners_xy, patch_size)      # (n,) tissue fraction of each patch
+    keep = mask.candidates(corners_xy, patch_size)          # (n,) bool: the cells pipelines may score
+    mask.save("slide.npz"); TissueMask.load("slide.npz"); mask.save_picture(thumbnail, "slide_tissue.png")
+
+A thumbnail pixel is tissue when it is not pen ink and either
+1. on the dark side of Otsu's threshold of the grey levels (computed without the ink pixels,
+   so a slide heavy with marker does not pull the threshold into the ink) and saturated at
+   least a little (HSV saturation >= `min_saturation`: a grey shadow or dust is no tissue), or
+2. clearly coloured (saturation >= `faint_saturation`): pale, thin tissue that Otsu puts on
+   the bright side with the glass; glass is bright *and* grey (saturation about 0.02).
+Pen ink: strongly saturated green-to-blue hues (`ink_hues` degrees, saturation >=
+`ink_saturation`; H&E is pink to purple, hue about 260-350) and near-black pixels (max
+channel < `min_value`). No morphology: the mask is per thumbnail pixel.
+The mask is the thumbnail's size (longer side `max_size`, 1024 by default), so memory does not
+depend on the image size. Non-RGB thumbnails (grey, multispectral, 16-bit) use step 1 alone on
+the mean of the bands scaled to 0..255.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hrsel.tiling.mask import otsu_threshold
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {"min_saturation": 0.07, "faint_saturation": 0.1, "ink_hues": (75.0, 250.0), "ink_saturation": 0.3, "min_value": 40,
+            "min_contrast": 8}
+
+
+def _to_uint8(thumbnail: np.ndarray) -> np.ndarray:
+    """(h, w[, C]) any dtype -> the same in uint8 (integers scaled by their range, floats from [0, 1])."""
+    a = np.asarray(thumbnail)
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    top = max(float(a.max()), 1.0)
+    return np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(h, w, 3) uint8 -> hue in degrees [0, 360), saturation in [0, 1], value in 0..255 (float64 each)."""
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hi, lo = x.max(axis=-1), x.min(axis=-1)
+    span = hi - lo
+    safe = np.where(span > 0, span, 1.0)
+    hue = np.where(hi == r, ((g - b) / safe) % 6.0, np.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = np.where(span > 0, hue * 60.0, 0.0)
+    sat = np.where(hi > 0, span / np.where(hi > 0, hi, 1.0), 0.0)
+    return hue, sat, hi
+
+
+def tissue_pixels(thumbnail: np.ndarray, *, min_saturation: float = DEFAULTS["min_saturation"],
+                  faint_saturation: float = DEFAULTS["faint_saturation"],
+                  ink_hues: tuple[float, float] = DEFAULTS["ink_hues"],
+                  ink_saturation: float = DEFAULTS["ink_saturation"], min_value: int = DEFAULTS["min_value"],
+                  min_contrast: int = DEFAULTS["min_contrast"]) -> np.ndarray:
+    """(h, w) bool tissue mask of a thumbnail (see the module doc for the rule)."""
+    image = _to_uint8(thumbnail)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    rgb = image.ndim == 3 and image.shape[2] in (3, 4)
+    if rgb:
+        image = image[..., :3]
+        hue, sat, value = hsv(image)
+        ink = ((hue >= ink_hues[0]) & (hue <= ink_hues[1]) & (sat >= ink_saturation)) | (value < min_value)
+    else:
+        ink = np.zeros(image.shape[:2], dtype=bool)
+    grey = np.rint(image.mean(axis=2) if image.ndim == 3 else image).astype(np.uint8)
+    rest = grey[~ink]
+    if rest.size == 0 or int(rest.max()) - int(rest.min()) < min_contrast:
+        dark = np.ones(grey.shape, dtype=bool)  # one grey level: nothing for Otsu to split
+    else:
+        dark = grey <= otsu_threshold(rest)
+    if not rgb:
+        return dark
+    return ((dark & (sat >= min_saturation)) | (sat >= faint_saturation)) & ~ink
+
+
+@dataclass
+class TissueMask:
+    """A (h, w) bool mask spanning a whole image of `image_size` (width, height) pixels.
+
+    `min_fraction`: the tissue fraction a patch needs to be a candidate (`candidates`).
+    """
+
+    mask: np.ndarray
+    image_size: tuple[int, int]
+    min_fraction: float = 0.5
+
+    def __post_init__(self):
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if self.mask.ndim != 2 or 0 in self.mask.shape:
+            raise ValueError(f"a tissue mask must be a non-empty 2-D (h, w) array, got shape {self.mask.shape}")
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        if min(self.image_size) <= 0:
+            raise ValueError(f"image_size must be a positive (width, height), got {self.image_size}")
+        if not 0.0 <= float(self.min_fraction) <= 1.0:
+            raise ValueError(f"min_fraction={self.min_fraction!r} must be in [0, 1] (e.g. data.min_tissue_fraction)")
+        self._integral: np.ndarray | None = None
+
+    @property
+    def downsample(self) -> tuple[float, float]:
+        """Image pixels per mask pixel, (x, y)."""
+        return self.image_size[0] / self.mask.shape[1], self.image_size[1] / self.mask.shape[0]
+
+    @property
+    def tissue_share(self) -> float:
+        return float(self.mask.mean())
+
+    def fractions(self, corners_xy: np.ndarray, patch_size: int | tuple[int, int]) -> np.ndarray:
+        """(n, 2) (x, y) top-left corners in image pixels -> (n,) float64 tissue fraction of each patch.
+
+        Exact area fractions of the piecewise-constant mask (a bilinear read of its summed-area
+        table); parts of a patch outside the image count as no tissue.
+        """
+        corners = np.asarray(corners_xy, dtype=np.float64).reshape(-1, 2)
+        pw, ph = (patch_size, patch_size) if np.isscalar(patch_size) else patch_size
+        if pw <= 0 or ph <= 0:
+            raise ValueError(f"patch_size must be positive, got {patch_size!r}")
+        if self._integral is None:
+            s = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.float64)
+            s[1:, 1:] = self.mask.cumsum(axis=0, dtype=np.float64).cumsum(axis=1)
+            self._integral = s
+        dx, dy = self.downsample
+        h, w = self.mask.shape
+        x0 = np.clip(corners[:, 0] / dx, 0, w)
+        x1 = np.clip((corners[:, 0] + pw) / dx, 0, w)
+        y0 = np.clip(corners[:, 1] / dy, 0, h)
+        y1 = np.clip((corners[:, 1] + ph) / dy, 0, h)
+        inside = self._area(x1, y1) - self._area(x0, y1) - self._area(x1, y0) + self._area(x0, y0)
+        return np.clip(inside / ((pw / dx) * (ph / dy)), 0.0, 1.0)
+
+    def _area(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Tissue area in [0, x) x [0, y) (mask pixels, continuous): bilinear in the summed-area table."""
+        s = self._integral
+        i = np.minimum(np.floor(x).astype(np.int64), s.shape[1] - 2)
+        j = np.minimum(np.floor(y).astype(np.int64), s.shape[0] - 2)
+        a, b = x - i, y - j
+        return (s[j, i] * (1 - a) * (1 - b) + s[j, i + 1] * a * (1 - b) + s[j + 1, i] * (1 - a) * b
+                + s[j + 1, i + 1] * a * b)
+
+    def candidates(self, corners_xy: np.ndarray, patch_size: int | tuple[int, int]) -> np.ndarray:
+        """(n,) bool: patches with some tissue and a fraction >= `min_fraction`."""
+        f = self.fractions(corners_xy, patch_size)
+        return (f > 0) & (f >= self.min_fraction)
+
+    # ---- cache -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, key: str = "") -> Path:
+        """Write an .npz (atomically: a reader never sees half a file); `key` says what it was made from."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, mask=self.mask, image_size=np.asarray(self.image_size, np.int64),
+                                key=np.asarray(key))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, min_fraction: float = 0.5, key: str | None = None) -> "TissueMask | None":
+        """The mask saved at `path`, or None when absent, unreadable or made from something else than `key`."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if key is not None and str(data["key"]) != key:
+                    return None
+                return cls(data["mask"], tuple(int(v) for v in data["image_size"]), min_fraction)
+        except (OSError, KeyError, ValueError) as e:
+            if Path(path).exists():
+                logger.warning("tissue mask cache %s is unreadable (%s); computing it again", path, e)
+            return None
+
+    # ---- QC picture ------------------------------------------------------------------------
+    def outline(self) -> np.ndarray:
+        """(h, w) bool: mask pixels with a non-mask 4-neighbour (or on the border)."""
+        m = np.pad(self.mask, 1, constant_values=False)
+        inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+        return self.mask & ~inner
+
+    def save_picture(self, thumbnail: np.ndarray, path: str | os.PathLike, *, title: str = "") -> Path:
+        """The thumbnail with the glass dimmed and the mask outlined in green, as a PNG."""
+        from PIL import Image, ImageDraw
+
+        image = _to_uint8(thumbnail)
+        if image.ndim == 2 or image.shape[2] != 3:
+            grey = image if image.ndim == 2 else image.mean(axis=2)
+            image = np.repeat(np.asarray(grey, np.uint8)[..., None], 3, axis=2)
+        mask = _resize_nearest(self.mask, image.shape[:2])
+        out = image.astype(np.float32)
+        out[~mask] = out[~mask] * 0.45 + 255 * 0.2  # glass / ink dimmed
+        edge = _resize_nearest(self.outline(), image.shape[:2])
+        out[edge] = (0, 200, 0)
+        picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+        if title:
+            ImageDraw.Draw(picture).text((4, 4), title, fill=(200, 0, 0))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        return path
+
+
+def _resize_nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    rows = np.minimum((np.arange(hw[0]) * mask.shape[0]) // hw[0], mask.shape[0] - 1)
+    cols = np.minimum((np.arange(hw[1]) * mask.shape[1]) // hw[1], mask.shape[1] - 1)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def compute_tissue_mask(source: Any, *, max_size: int = 1024, min_fraction: float = 0.5,
+                        thumbnail: np.ndarray | None = None, **options: Any) -> TissueMask:
+    """The TissueMask of an ImageSource (its thumbnail, longer side `max_size`); options: `tissue_pixels`."""
+    thumb = source.thumbnail(max_size) if thumbnail is None else thumbnail
+    mask = tissue_pixels(thumb, **options)
+    if not mask.any():
+        logger.warning("%r: no tissue found in its thumbnail (%dx%d); every patch stays a candidate", source,
+                       mask.shape[1], mask.shape[0])
+        mask = np.ones_like(mask)
+    return TissueMask(mask, tuple(source.dimensions), min_fraction)

@@ -1,0 +1,275 @@
+"""Tissue masks (hrsel.tiling.tissue): the rule against a plain reference, exact patch fractions, the
+cache, and every pipeline selecting only on tissue, down to a training run through the command line."""
+from __future__ import annotations
+
+import colorsys
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hrsel.io import ArraySource
+from hrsel.io.writer import write_pyramid
+from hrsel.models import build_pipeline
+from hrsel.models.candidates import cell_corners
+from hrsel.select.extract import GridGeometry
+from hrsel.tasks import TaskSpec
+from hrsel.tiling.mask import foreground_mask
+from hrsel.tiling.tissue import TissueMask, compute_tissue_mask, tissue_pixels
+from hrsel.train import main
+
+from toy_bright import one_torch_thread  # noqa: F401 (autouse fixture)
+
+GLASS, PINK, PURPLE, PALE = (238, 238, 236), (205, 125, 175), (150, 60, 140), (222, 190, 212)
+BLUE_INK, GREEN_INK, BLACK_INK = (40, 60, 170), (40, 150, 60), (22, 20, 25)
+
+
+def synthetic_thumbnail(seed: int = 0) -> tuple[np.ndarray, dict[str, tuple[slice, slice]]]:
+    rng = np.random.default_rng(seed)
+    image = np.empty((60, 90, 3), np.uint8)
+    image[:] = GLASS
+    regions = {"pink": (slice(5, 25), slice(5, 30)), "purple": (slice(30, 50), slice(5, 25)),
+               "pale": (slice(30, 50), slice(30, 45)), "blue": (slice(5, 15), slice(40, 85)),
+               "green": (slice(20, 28), slice(50, 85)), "black": (slice(35, 55), slice(60, 66))}
+    colours = {"pink": PINK, "purple": PURPLE, "pale": PALE, "blue": BLUE_INK, "green": GREEN_INK,
+               "black": BLACK_INK}
+    for name, (rows, cols) in regions.items():
+        image[rows, cols] = colours[name]
+    noise = rng.integers(-4, 5, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), regions
+
+
+def reference_mask(rgb: np.ndarray) -> np.ndarray:
+    """The documented rule, pixel by pixel with colorsys and a brute-force Otsu."""
+    h, w, _ = rgb.shape
+    ink = np.zeros((h, w), bool)
+    sats = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            r, g, b = (int(v) for v in rgb[y, x])
+            hue, sat, value = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+            sats[y, x] = sat
+            ink[y, x] = (75 <= hue * 360 <= 250 and sat >= 0.3) or max(r, g, b) < 40
+    grey = np.rint(rgb.mean(axis=2)).astype(int)
+    values = grey[~ink]
+    best, threshold = -1.0, 0
+    for t in range(256):  # maximise the between-class variance of {v <= t} and {v > t}
+        low, high = values[values <= t], values[values > t]
+        if len(low) and len(high):
+            between = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+            if between > best:
+                best, threshold = between, t
+    return (((grey <= threshold) & (sats >= 0.07)) | (sats >= 0.1)) & ~ink
+
+
+def test_mask_matches_the_plain_reference_and_rejects_glass_and_ink():
+    thumb, regions = synthetic_thumbnail()
+    mask = tissue_pixels(thumb)
+    np.testing.assert_array_equal(mask, reference_mask(thumb))
+    for name in ("pink", "purple", "pale"):
+        assert mask[regions[name]].all(), f"{name} tissue lost"
+    for name in ("blue", "green", "black"):
+        assert not mask[regions[name]].any(), f"{name} ink kept"
+    assert mask.sum() == sum(mask[regions[n]].size for n in ("pink", "purple", "pale")), "glass kept"
+    grey_only = foreground_mask(thumb)  # plain grey-level Otsu keeps the ink
+    assert grey_only[regions["blue"]].all() and grey_only[regions["black"]].all()
+
+
+def test_fractions_are_exact_against_brute_force():
+    rng = np.random.default_rng(1)
+    mask = rng.random((37, 53)) < 0.4
+    d = 4  # image pixels per mask pixel
+    tissue = TissueMask(mask, (53 * d, 37 * d))
+    full = np.repeat(np.repeat(mask, d, 0), d, 1).astype(float)  # the mask at image resolution
+    pad = 64
+    padded = np.pad(full, pad)
+    corners = rng.integers(-40, 53 * d + 10, (300, 2))
+    sizes = rng.integers(1, 60, 300)
+    got = np.array([tissue.fractions(c[None], int(s))[0] for c, s in zip(corners, sizes)])
+    want = np.array([padded[y + pad:y + pad + s, x + pad:x + pad + s].sum() / s ** 2
+                     for (x, y), s in zip(corners, sizes)])
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    batched = tissue.fractions(corners, 17)  # all at once, one patch size
+    np.testing.assert_allclose(batched, [padded[y + pad:y + pad + 17, x + pad:x + pad + 17].sum() / 289
+                                         for x, y in corners], atol=1e-9)
+
+
+def test_save_load_key_and_picture(tmp_path):
+    thumb, _ = synthetic_thumbnail()
+    source = ArraySource(np.repeat(np.repeat(thumb, 4, 0), 4, 1))
+    mask = compute_tissue_mask(source, max_size=90, min_fraction=0.25)
+    assert mask.image_size == (360, 240) and mask.mask.shape == (60, 90)
+    mask.save(tmp_path / "m.npz", key="a")
+    back = TissueMask.load(tmp_path / "m.npz", min_fraction=0.25, key="a")
+    np.testing.assert_array_equal(back.mask, mask.mask)
+    assert back.image_size == mask.image_size and back.min_fraction == 0.25
+    assert TissueMask.load(tmp_path / "m.npz", key="another image") is None
+    assert TissueMask.load(tmp_path / "absent.npz") is None
+    picture = mask.save_picture(thumb, tmp_path / "m.png", title="qc")
+    assert picture.stat().st_size > 0
+
+
+# ---- pipelines: only candidate cells ---------------------------------------------------------
+
+LIGHT = dict(in_chans=3, backbone="narrow_resnet", backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)})
+SMALL = {
+    "ips": dict(LIGHT, patch_size=16, num_selected=3, chunk_size=5,
+                aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 16}),
+    "dps": dict(LIGHT, patch_size=16, k=3, downscale=2, num_samples=10),
+    "dps_candidates": dict(LIGHT, patch_size=16, k=2, num_candidates=5, score_downscale=1, num_samples=10,
+                           score_chunk=6),
+    "ats": dict(LIGHT, patch_size=16, k=3, downscale=2),
+    "patchdrop": dict(LIGHT, patch_size=16, downscale=2),
+}
+
+
+def island_images(n: int = 2) -> tuple[torch.Tensor, list[TissueMask]]:
+    """(n, 3, 96, 96) glass with a different tissue island per image, and each image's mask (1 px per 4)."""
+    rng = np.random.default_rng(0)
+    images, masks = [], []
+    for i in range(n):
+        image = np.full((96, 96, 3), 236, np.uint8)
+        mask = np.zeros((24, 24), bool)
+        y, x = 16 + 32 * i, 16 + 16 * i
+        image[y:y + 32, x:x + 48] = rng.integers(60, 200, (32, 48, 3))
+        mask[y // 4:(y + 32) // 4, x // 4:(x + 48) // 4] = True
+        images.append(image)
+        masks.append(TissueMask(mask, (96, 96), min_fraction=0.5))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), masks
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("training", [True, False])
+def test_pipelines_select_only_on_tissue(name, training):
+    torch.manual_seed(0)
+    images, masks = island_images()
+    pipeline = build_pipeline(name, tasks={"y": TaskSpec("multiclass", 3)}, **SMALL[name]).train(training)
+    out = pipeline(images, tissue=masks)
+    n = out.scores.shape[1]
+    side = int(round(n ** 0.5))
+    geometry = (GridGeometry.regular((96, 96), patch_size=16) if name in ("ips", "dps_candidates", "patchdrop")
+                else GridGeometry.centred((96, 96), (side, side), patch_size=16))
+    assert geometry.num_patches == n
+    for b, mask in enumerate(masks):
+        on = mask.candidates(cell_corners(geometry), geometry.patch_size)
+        assert 0 < on.sum() < n
+        chosen = out.indices[b][out.indices[b] >= 0].numpy()
+        assert len(chosen) and on[chosen].all(), f"{name}: a selected patch lies off tissue"
+        scores = out.scores[b].numpy()
+        assert np.isnan(scores[~on]).all(), "the score map must be NaN off tissue"
+        if name in ("ips", "dps_candidates"):
+            assert np.isfinite(scores[on]).all()
+    out.logits["y"].sum().backward()  # the gradient pass still works
+
+
+def test_ips_streams_only_tissue_cells_and_cnn_ignores_masks():
+    images, masks = island_images()
+    ips = build_pipeline("ips", tasks={"y": TaskSpec("multiclass", 3)}, **SMALL["ips"])
+    encoded = []
+    ips.classifier.backbone.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    with torch.no_grad():
+        out = ips.eval()(images, tissue=masks)
+    tissue_cells = sum(int(m.candidates(cell_corners(GridGeometry.regular((96, 96), patch_size=16)), 16).sum())
+                       for m in masks)
+    selected = int((out.indices >= 0).sum())
+    assert sum(encoded) == tissue_cells + selected, "IPS must encode only the tissue cells (+ the M re-read)"
+    assert out.stats["patches_scored"] == tissue_cells / 2
+    cnn = build_pipeline("cnn", tasks={"y": TaskSpec("multiclass", 3)}, **LIGHT)
+    assert cnn(images, tissue=masks).logits["y"].shape == (2, 3)
+
+
+# ---- through the command line: a manifest of slides with tissue islands on glass -------------------
+
+def write_slide(path: Path, islands: list[tuple[int, int]], *, seed: int, pen: bool) -> None:
+    """256 x 256 glass, 64 x 64 tissue islands at (x, y), optionally a blue pen stroke off the tissue."""
+    rng = np.random.default_rng(seed)
+    image = np.full((256, 256, 3), 236, np.uint8)
+    for x, y in islands:
+        image[y:y + 64, x:x + 64] = np.clip(np.array(PURPLE) + rng.integers(-30, 30, (64, 64, 3)), 0, 255)
+    if pen:
+        image[200:214, 0:120] = BLUE_INK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramid(path, image, levels=2, tile=128, compression="jpeg")
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tissue_slides")
+    rows = [("slides/a.tif", "tumor", "train", [(32, 32), (160, 96)]),
+            ("slides/b.tif", "normal", "val", [(96, 32)]),
+            ("slides/c.tif", "tumor", "test", [(32, 128), (160, 32)])]
+    for i, (rel, _, _, islands) in enumerate(rows):
+        write_slide(root / rel, islands, seed=i, pen=i != 1)
+    (root / "slides.csv").write_text("path,label,split\n" + "".join(f"{r},{l},{s}\n" for r, l, s, _ in rows))
+    return root
+
+
+RUNS = {
+    "ips": ["model.name=ips", "model.num_selected=3", "model.chunk_size=8",
+            "model.aggregator_options={heads: 2, head_dim: 4, mlp_dim: 16, dropout: 0.0}"],
+    "dps_candidates": ["model.name=dps_candidates", "model.k=2", "model.num_candidates=4",
+                       "model.score_downscale=2", "model.num_samples=8", "model.aggregator=mean",
+                       "model.scorer_options={}"],
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_training_run_selects_only_on_tissue(name, slides, tmp_path, capsys):
+    from hrsel.data.manifest import ManifestDataset
+    from hrsel.inference import load_model
+
+    config = tmp_path / "tissue.yaml"
+    config.write_text(f"""
+experiment: tissue_{name}
+device: cpu
+data: {{name: manifest, root: {slides}, manifest: slides.csv, tissue: true, min_tissue_fraction: 0.5,
+        tissue_cache: {tmp_path / 'masks'}, batch_size: 1, eval_batch_size: 1}}
+model: {{in_chans: 3, patch_size: 32, backbone: narrow_resnet,
+         backbone_options: {{width: 8, strides: [2, 2, 2, 2], blocks: [1, 1, 1, 1]}}}}
+optim: {{lr: 0.001}}
+train: {{epochs: 1, progress_bar: false}}
+eval: {{pictures: 1, metric: label/accuracy}}
+""")
+    code = main([str(config), *RUNS[name], f"--output-dir={tmp_path / 'runs'}"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 3, "one cached mask per slide"
+    assert len(list((tmp_path / "masks").glob("*_tissue.png"))) == 3, "one QC picture per slide"
+    with open(tmp_path / "runs" / f"tissue_{name}" / "metrics.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert float(row["patches_scored"]) == 8, "training streams the 8 tissue cells of slide a, not all 64"
+    model = load_model(tmp_path / "runs" / f"tissue_{name}")
+    geometry = GridGeometry.regular((256, 256), patch_size=32)
+    for split in ("train", "val", "test"):
+        data = ManifestDataset(root=slides, split=split, manifest="slides.csv", tissue=True,
+                               tissue_cache=str(tmp_path / "masks"))
+        item = data[0]
+        on = item["tissue"].candidates(cell_corners(geometry), 32)
+        assert 4 <= on.sum() <= 8, f"{item['id']}: {on.sum()} tissue cells (islands of 2 x 2 cells)"
+        for training in (True, False):
+            model.pipeline.train(training)
+            with torch.no_grad():
+                out = model.pipeline([item["image"]], tissue=[item["tissue"]])
+            chosen = out.indices[0][out.indices[0] >= 0].numpy()
+            assert len(chosen) and on[chosen].all(), f"{item['id']}: a selected patch lies on glass or ink"
+            assert np.isnan(out.scores[0].numpy()[~on]).all()
+    if name == "ips":  # predict computes the same masks (the run's data.tissue) and scores only tissue
+        from hrsel.inference import predict_sources
+
+        result = predict_sources(model, [slides / "slides.csv"], out_dir=tmp_path / "preds", pictures=False)
+        assert len(result.rows) == 3 and len(list((tmp_path / "preds" / "tissue").glob("*.npz"))) == 3
+
+
+def test_camelyon_items_carry_cached_masks(tmp_path):
+    from fixtures_data import make_camelyon
+
+    from hrsel.data.camelyon import Camelyon16
+
+    root = make_camelyon(tmp_path / "c16")
+    item = Camelyon16(root=root, split="train", tissue=True, min_tissue_fraction=0.25)[0]
+    mask = item["tissue"]
+    assert mask.image_size == (512, 384) and mask.min_fraction == 0.25
+    assert 0.2 < mask.tissue_share < 0.3  # make_slide's block: 256 x 192 of 512 x 384 pixels
+    assert (root / "tissue_masks" / f"{item['id']}.npz").is_file()
+    assert (root / "tissue_masks" / f"{item['id']}_tissue.png").is_file()
