@@ -180,6 +180,31 @@ def test_target_mpp_picks_the_level_and_views_it(tmp_path):
     assert len(ManifestDataset(root=tmp_path, split="train", test_fraction=0.5)) == 1  # no target_mpp: level 0
 
 
+def test_target_mpp_between_levels_resamples_the_finer_level(tmp_path):
+    """0.7 um/px on levels of 0.25 / 0.5 / 1.0: level 1 (0.5) shrunk by 0.5 / 0.7, so a patch covers P x 0.7 um."""
+    from hrsel.io.level_view import resample_box, view_at_mpp
+
+    image = rgb(5, 256)
+    write_pyramid(tmp_path / "s.tif", image, levels=3, tile=64, compression="zlib", mpp=0.25)
+    with open_image(str(tmp_path / "s.tif")) as slide:
+        exact = view_at_mpp(slide, 0.5)
+        assert exact.level == 1 and exact.scale == 1.0  # a level has the target: no resampling
+        view = view_at_mpp(slide, 0.7)
+        assert view.level == 1 and view.scale == pytest.approx(0.5 / 0.7)
+        assert view.mpp == pytest.approx(0.7) and view.downsample == pytest.approx(2 / (0.5 / 0.7))
+        assert view.dimensions == (round(128 * 0.5 / 0.7),) * 2
+        patch = view.read_region(10, 20, 30, 40)  # (40, 30, 3): the box [10, 40) x [20, 60) / scale of level 1
+        assert patch.shape == (40, 30, 3) and patch.dtype == np.uint8
+        level1 = slide.read_level_region(0, 0, 128, 128, 1)
+        s = view.scale
+        expected = resample_box(level1, (10 / s, 20 / s, 40 / s, 60 / s), (30, 40))
+        np.testing.assert_allclose(patch.astype(int), expected.astype(int), atol=1)
+        flat = np.full((64, 64, 1), 1000, np.uint16)  # resampling keeps the dtype and a flat value
+        assert (resample_box(flat, (0.5, 0.5, 40.2, 33.3), (17, 9)) == 1000).all()
+        with pytest.raises(ValueError, match="scale"):
+            LevelView(slide, 0, scale=1.5)
+
+
 def test_dataset_with_target_mpp_yields_level_views_through_workers(tmp_path):
     make_manifest(tmp_path)
     data = ManifestDataset(root=tmp_path, split="train", target_mpp=0.5)

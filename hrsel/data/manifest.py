@@ -144,13 +144,13 @@ class ManifestDataset(torch.utils.data.Dataset):
         return self.table.rows[self.indices[index]]
 
     def source(self, index: int) -> Any:
-        """The image of item `index`, opened (header only); a `LevelView` when target_mpp is set."""
+        """The image of item `index`, opened (header only); with target_mpp, the `LevelView` of the level
+        serving it, resampled to exactly target_mpp when no level has it (`view_at_mpp`)."""
         from hrsel.io import open_image
-        from hrsel.io.level_view import LevelView
+        from hrsel.io.level_view import view_at_mpp
 
-        row = self.row(index)
-        source = open_image(str(row.path))
-        return LevelView(source, row.level) if self.target_mpp is not None else source
+        source = open_image(str(self.row(index).path))
+        return view_at_mpp(source, self.target_mpp) if self.target_mpp is not None else source
 
     def __getitem__(self, index: int) -> dict:
         row = self.row(index)

@@ -132,9 +132,9 @@ class _Inputs(Dataset):
 
             entry["image"] = open_image(str(item.path))
             if self.target_mpp:
-                from hrsel.io.level_view import LevelView, level_for_mpp
+                from hrsel.io.level_view import view_at_mpp
 
-                entry["image"] = LevelView(entry["image"], level_for_mpp(entry["image"], self.target_mpp))
+                entry["image"] = view_at_mpp(entry["image"], self.target_mpp)
             if self.band_norm is not None:  # the run's data.band_norm: pixels become floats as in training
                 entry["image"].band_norm = self.band_norm
             if self.tissue is not None:  # the run trained with data.tissue: the same candidate cells
