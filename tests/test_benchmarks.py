@@ -88,3 +88,32 @@ def test_memory_ips_tissue_quick(tmp_path):
     assert [r["patches_scored"] for r in rows] == [96.0, 144.0]
     assert all(r["peak_mb"] > 0 for r in rows) and "ips_tissue: peak grows" in stdout
     assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == ["tissue_1024.tif", "tissue_2048.tif"]
+
+
+def test_gpu_campaign_dry_run(tmp_path):
+    """benchmarks/gpu_campaign.sh --dry-run: every step at tiny sizes on the CPU, every JSON file written."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HRSEL_MNIST_DIR", "PYTHONPATH")}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=240, cwd=REPO, env=env)
+    log = (tmp_path / "out" / "campaign.log").read_text() if (tmp_path / "out" / "campaign.log").exists() else ""
+    assert done.returncode == 0, done.stderr[-2000:] + log[-3000:]
+    out = tmp_path / "out"
+    results = {name: json.loads((out / f"{name}.json").read_text())
+               for name in ("env", "status", "learning_h200", "memory_h200", "topk_op_h200", "speed_study_h200")}
+    steps = results["status"]["steps"]
+    assert list(steps) == ["setup", "data", "probe", "train", "memory", "topk_op", "speed_study"]
+    assert all(s["status"] == "ok" for s in steps.values()), (steps, log[-3000:])
+    assert results["status"]["dry_run"] and results["env"]["dry_run"] and "torch" in results["env"]["modules"]
+    learning = results["learning_h200"]
+    assert learning["plan"]["steps"] == 2 and learning["plan"]["step_s"] > 0
+    assert [r["step"] for r in learning["epochs"]] == [2] and "test/majority/accuracy" in learning["epochs"][0]
+    assert learning["test_metrics"]["items"] == 4
+    assert [(r["method"], r["side"], r["status"]) for r in results["memory_h200"]["rows"]] == [
+        ("ips", 1000, "ok"), ("dps_candidates", 1000, "ok")]
+    assert [r["case"] for r in results["topk_op_h200"]] == ["tiny"]
+    assert results["speed_study_h200"]["rows"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.json" for n in results] + ["campaign.log"])
+    assert not list(tmp_path.glob("gpu_campaign.*"))  # the work folder is removed
