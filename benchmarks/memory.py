@@ -120,7 +120,8 @@ def pipeline_options(method: str, quick: bool, backbone: str) -> dict:
     if method == "dps":
         return dict(common, patch_size=patch, k=8, downscale=16, num_samples=100, extract_chunk=256)
     if method == "dps_candidates":
-        return dict(common, patch_size=patch, k=8, num_candidates=32, score_chunk=256, score_downscale=8,
+        # the scorer sees 16 x 16 pixels of each patch (it needs at least 9 x 9), with --quick too
+        return dict(common, patch_size=patch, k=8, num_candidates=32, score_chunk=256, score_downscale=patch // 16,
                     num_samples=100)
     if method == "cnn":
         return dict(common, downscale=1)
