@@ -16,9 +16,8 @@ import argparse
 import math
 import sys
 
-from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError
+from hrsel.errors import CheckpointError, ConfigError, DataError, RunFolderError
 
-EXIT_BAD_INPUT = 2
 BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError)
 
 
@@ -52,23 +51,21 @@ def print_report(report) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        from hrsel.engine.logbook import setup_logging
-        from hrsel.inference.evaluate import evaluate_run
+    from hrsel.cli import run_command
 
-        setup_logging(None, is_main=True)
-        report = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device,
-                              batch_size=args.batch_size, out_dir=args.out)
-    except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except HrselError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args = parse_args(argv)
+    return run_command(lambda: evaluate_command(args), bad_input=BAD_INPUT)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from hrsel.engine.logbook import setup_logging
+    from hrsel.inference.evaluate import evaluate_run
+
+    setup_logging(None, is_main=True)
+    report = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device,
+                          batch_size=args.batch_size, out_dir=args.out)
     print_report(report)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

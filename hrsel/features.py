@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, ImageReadError
+from hrsel.errors import CheckpointError, ConfigError, DataError, ImageReadError
 
-EXIT_USER = 2
 BAD_INPUT = (ConfigError, DataError, CheckpointError, ImageReadError)
 
 
@@ -184,16 +183,15 @@ def _bar(total: int | None, unit: str, disable: bool, leave: bool = True) -> Any
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from hrsel.cli import run_command
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        counts = run(args)
-    except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER
-    except HrselError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_command(lambda: features_command(args), bad_input=BAD_INPUT)
+
+
+def features_command(args: argparse.Namespace) -> int:
+    counts = run(args)
     print(f"{counts['written']} feature cache(s) written, {counts['skipped']} complete one(s) kept, in {args.out}")
     return 0
 

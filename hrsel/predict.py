@@ -15,7 +15,6 @@ import argparse
 import logging
 import sys
 
-EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,24 +33,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hrsel.cli import run_command
+    from hrsel.errors import ChannelMismatchError, CheckpointError, ConfigError, DataError, ImageReadError
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from hrsel.errors import (ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError,
-                              ImageReadError)
+    return run_command(lambda: predict_command(args),
+                       bad_input=(ConfigError, DataError, CheckpointError, ChannelMismatchError, ImageReadError))
 
-    try:
-        from hrsel.inference import load_model, predict_sources
 
-        model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
-        result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, pictures=not args.no_pictures,
-                                 gallery=args.gallery, progress=not args.no_progress)
-    except (ConfigError, DataError, CheckpointError, ChannelMismatchError, ImageReadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except HrselError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def predict_command(args: argparse.Namespace) -> int:
+    from hrsel.inference import load_model, predict_sources
+
+    model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
+    result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
+                             num_workers=args.num_workers, pictures=not args.no_pictures,
+                             gallery=args.gallery, progress=not args.no_progress)
     print(f"predictions: {result.out_dir / 'predictions.csv'} ({len(result.rows)} image(s))")
     if result.metrics:
         print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
@@ -59,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maps: {len(result.files['geojson'])} GeoJSON, {len(result.files['zarr'])} OME-Zarr, "
               f"{len(result.files['picture'])} heatmap(s) in {result.out_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,6 @@ from hrsel.errors import ChannelMismatchError, CheckpointError, ConfigError, Dat
 
 log = logging.getLogger("hrsel.train")
 
-EXIT_CONFIG = 2
 BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError)  # exit status 2
 
 
@@ -466,28 +465,25 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        request = resolve_config(args)
-        from hrsel.engine.distributed import check_device
+    from hrsel.cli import run_command
 
-        preflight(request.cfg)  # builder options and the data folder: no data read, nothing written
-        check_device(request.cfg.device)
-        if args.print_config:
-            print(dump_config(request.cfg), end="")
-            return 0
-        result = run(request)
-    except BAD_INPUT as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except HrselError as e:
-        print(f"error: {e}", file=sys.stderr)
-        signum = getattr(e, "signum", 0)
-        return 128 + signum if signum else 1
+    args = parse_args(argv)
+    return run_command(lambda: train_command(args), bad_input=BAD_INPUT)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    request = resolve_config(args)
+    from hrsel.engine.distributed import check_device
+
+    preflight(request.cfg)  # builder options and the data folder: no data read, nothing written
+    check_device(request.cfg.device)
+    if args.print_config:
+        print(dump_config(request.cfg), end="")
+        return 0
+    result = run(request)
     if result["is_main"]:
         report(result)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,31 @@
+"""What every command line (train, evaluate, predict, features) does with an hrsel error.
+
+    def main(argv=None) -> int:
+        args = parse_args(argv)
+        return run_command(lambda: body(args), bad_input=BAD_INPUT)
+
+An error in `bad_input` (a bad config, data set, run folder, checkpoint or image: the user can
+fix it) prints one line and exits with status 2; any other HrselError prints one line and exits
+with 1, or 128 + the signal number when a signal stopped the run. No traceback for either.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from hrsel.errors import HrselError
+
+EXIT_BAD_INPUT = 2
+
+
+def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException], ...]) -> int:
+    """`body()`'s exit status, or the status of the hrsel error it raised (printed to stderr)."""
+    try:
+        return body()
+    except bad_input as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except HrselError as e:
+        print(f"error: {e}", file=sys.stderr)
+        signum = getattr(e, "signum", 0)
+        return 128 + signum if signum else 1
