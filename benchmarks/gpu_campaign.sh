@@ -93,7 +93,7 @@ run_step() {
 
 # ----------------------------------------------------------------------------- 0. setup
 setup() {
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     timeout 25 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
       .whl/*.whl || return 1
   fi
@@ -131,7 +131,7 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(env["modules"]))
 EOF
 }
-if ls .whl/*.whl >/dev/null 2>&1; then export PYTHONPATH=$WORK/site:$PYTHONPATH; fi
+if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then export PYTHONPATH=$WORK/site:$PYTHONPATH; fi
 run_step setup 30 setup
 
 # ----------------------------------------------------------------------------- 1. Megapixel MNIST learning curve
@@ -146,7 +146,7 @@ else
   SIZE=(data.num_workers=12)
 fi
 if [ -n "${HRSEL_MNIST_DIR:-}" ]; then MNIST=$HRSEL_MNIST_DIR
-elif [ -d .mnist ]; then MNIST=$REPO/.mnist
+elif [ $DRY = 0 ] && [ -d .mnist ]; then MNIST=$REPO/.mnist
 elif [ $DRY = 1 ]; then
   MNIST=$WORK/mnist
   "$PY" - "$MNIST" <<'EOF'

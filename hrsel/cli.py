@@ -13,12 +13,15 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from hrsel.errors import HrselError
+from hrsel.errors import (ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError, ImageReadError,
+                          RunFolderError)
 
 EXIT_BAD_INPUT = 2
+# what the user can fix: the same exit status from every command
+BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError, ImageReadError)
 
 
-def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException], ...]) -> int:
+def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException], ...] = BAD_INPUT) -> int:
     """`body()`'s exit status, or the status of the hrsel error it raised (printed to stderr)."""
     try:
         return body()

@@ -16,9 +16,7 @@ import argparse
 import math
 import sys
 
-from hrsel.errors import CheckpointError, ConfigError, DataError, RunFolderError
 
-BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from hrsel.cli import run_command
 
     args = parse_args(argv)
-    return run_command(lambda: evaluate_command(args), bad_input=BAD_INPUT)
+    return run_command(lambda: evaluate_command(args))
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from hrsel.errors import CheckpointError, ConfigError, DataError, ImageReadError
+from hrsel.errors import ConfigError
 
-BAD_INPUT = (ConfigError, DataError, CheckpointError, ImageReadError)
 
 
 @dataclass
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(lambda: features_command(args), bad_input=BAD_INPUT)
+    return run_command(lambda: features_command(args))
 
 
 def features_command(args: argparse.Namespace) -> int:

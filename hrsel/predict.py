@@ -34,12 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from hrsel.cli import run_command
-    from hrsel.errors import ChannelMismatchError, CheckpointError, ConfigError, DataError, ImageReadError
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    return run_command(lambda: predict_command(args),
-                       bad_input=(ConfigError, DataError, CheckpointError, ChannelMismatchError, ImageReadError))
+    return run_command(lambda: predict_command(args))
 
 
 def predict_command(args: argparse.Namespace) -> int:

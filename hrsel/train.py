@@ -24,11 +24,10 @@ from typing import Any
 
 from hrsel.config import Config, check_builder_options, check_data_root, dump_config, load_config
 from hrsel.config.checks import check_components, check_eval_metric
-from hrsel.errors import ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError, RunFolderError
+from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError
 
 log = logging.getLogger("hrsel.train")
 
-BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError)  # exit status 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -468,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     from hrsel.cli import run_command
 
     args = parse_args(argv)
-    return run_command(lambda: train_command(args), bad_input=BAD_INPUT)
+    return run_command(lambda: train_command(args))
 
 
 def train_command(args: argparse.Namespace) -> int:

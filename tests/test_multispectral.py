@@ -272,6 +272,12 @@ def test_four_band_uint16_geotiffs_train_one_epoch(tmp_path, capsys):
                              progress=False)
     probs = [float(v) for k, v in result.rows[0].items() if "/prob/" in k]
     assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-5
+    # evaluate applies the run's band_norm too: its figures equal the trainer's test metrics
+    from hrsel.inference.evaluate import evaluate_run
+
+    report = evaluate_run(run, out_dir=tmp_path / "eval")
+    trained = json.loads((run / "test_metrics.json").read_text())["metrics"]
+    assert report.metrics["loss"] == pytest.approx(trained["loss"], rel=1e-5)
 
 
 def test_in_chans_other_than_the_bands_is_named(tmp_path, capsys):

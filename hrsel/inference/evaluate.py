@@ -58,7 +58,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     per multiclass / binary task into `out_dir` (default: the run folder).
     """
     from hrsel.engine.checkpoint import plain
+    from hrsel.data.band_norm import with_band_norm
     from hrsel.inference.load import load_model, resolve_checkpoint
+    from hrsel.inference.predict import run_band_norm
 
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}: 'test' is the run's test split "
@@ -71,6 +73,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     model = load_model(file, device=device)
     cfg = model.config
     dataset, split_name = split_dataset(cfg, split, run_dir=run_dir)
+    dataset = with_band_norm(dataset, run_band_norm(model))  # the run's data.band_norm, as in training
     size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
     logits, targets = score_dataset(model.pipeline, dataset, cfg=cfg, tasks=model.tasks, batch_size=size)
     metrics, confusion = {}, {}
@@ -149,6 +152,7 @@ def score_dataset(pipeline: torch.nn.Module, dataset: Any, *, cfg: Any, tasks: d
     """Logits and targets of every item of `dataset`, computed as the trainer's evaluation does."""
     from torch.utils.data import DataLoader
 
+    from hrsel.models.candidates import pipeline_inputs
     from hrsel.train import load_collate
 
     device = next(iter(pipeline.parameters())).device
@@ -171,11 +175,12 @@ def score_dataset(pipeline: torch.nn.Module, dataset: Any, *, cfg: Any, tasks: d
                 raise CheckpointError(f"the checkpoint predicts tasks {', '.join(missing)} that the data set "
                                       f"{cfg.data.name!r} does not label (it labels "
                                       f"{', '.join(batch['targets'])}); check data.tasks of the run's config")
+            inputs = pipeline_inputs(pipeline, batch)  # the tissue masks of data.tissue, as in training
             if dtype is not None:
                 with torch.autocast("cuda", dtype=dtype):
-                    out = pipeline(images)
+                    out = pipeline(images, **inputs)
             else:
-                out = pipeline(images)
+                out = pipeline(images, **inputs)
             for t in tasks:
                 logits[t].append(out.logits[t].float().cpu())
                 targets[t].append(batch["targets"][t].cpu())

@@ -43,10 +43,7 @@ def level_for_mpp(source: ImageSource, target_mpp: float, *, tolerance: float = 
             f"{source._name()} has no microns-per-pixel metadata (OpenSlide mpp properties, TIFF resolution "
             f"tags, OME PhysicalSizeX / OME-Zarr scale), so target_mpp={target_mpp} cannot pick its level; "
             "write the resolution into the file, or leave target_mpp unset to use level 0")
-    best = 0
-    for level, downsample in enumerate(source.level_downsamples):
-        if mpp * downsample <= target_mpp * (1 + tolerance):
-            best = level
+    best = source.get_best_level_for_downsample(target_mpp * (1 + tolerance) / mpp)
     if mpp > target_mpp * (1 + tolerance):
         logger.warning("%s: level 0 is %.4g um/px, coarser than target_mpp=%.4g; using level 0",
                        source._name(), mpp, target_mpp)

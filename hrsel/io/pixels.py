@@ -53,11 +53,6 @@ def native_dtype(dtype: np.dtype, *, name: str) -> np.dtype:
     )
 
 
-def check_dtype(dtype: np.dtype, *, name: str) -> None:
-    """Refuse, before any read, dtypes that `to_native` never converts."""
-    native_dtype(dtype, name=name)
-
-
 def _dtype_max(dtype: np.dtype) -> str:
     return str(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else "?"
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from hrsel.io.pixels import NATIVE_DTYPES
+
 # ---- kernels ------------------------------------------------------------------------------
 
 
@@ -162,7 +164,7 @@ def _box_fractions(mask, boxes):
 # ---- checked wrappers ---------------------------------------------------------------------
 
 
-IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))  # hrsel.io.pixels.NATIVE_DTYPES
+IMAGE_DTYPES = NATIVE_DTYPES  # the dtypes the readers return; each compiles its own kernels
 
 
 def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -15,8 +15,9 @@ Pen ink: strongly saturated green-to-blue hues (`ink_hues` degrees, saturation >
 `ink_saturation`; H&E is pink to purple, hue about 260-350) and near-black pixels (max
 channel < `min_value`). No morphology: the mask is per thumbnail pixel.
 The mask is the thumbnail's size (longer side `max_size`, 1024 by default), so memory does not
-depend on the image size. Non-RGB thumbnails (grey, multispectral, 16-bit) use step 1 alone on
-the mean of the bands scaled to 0..255.
+depend on the image size. 16-bit and float thumbnails are stretched to 0..255 as pictures are
+(`hrsel.io.pixels.to_display`); non-RGB ones (grey, multispectral) use step 1 alone on the mean
+of the bands.
 """
 from __future__ import annotations
 
@@ -28,23 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from hrsel.io.pixels import to_display
 from hrsel.tiling.mask import otsu_threshold
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = {"min_saturation": 0.07, "faint_saturation": 0.1, "ink_hues": (75.0, 250.0), "ink_saturation": 0.3, "min_value": 40,
             "min_contrast": 8}
-
-
-def _to_uint8(thumbnail: np.ndarray) -> np.ndarray:
-    """(h, w[, C]) any dtype -> the same in uint8 (integers scaled by their range, floats from [0, 1])."""
-    a = np.asarray(thumbnail)
-    if a.dtype == np.uint8:
-        return a
-    if np.issubdtype(a.dtype, np.floating):
-        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-    top = max(float(a.max()), 1.0)
-    return np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,7 +57,7 @@ def tissue_pixels(thumbnail: np.ndarray, *, min_saturation: float = DEFAULTS["mi
                   ink_saturation: float = DEFAULTS["ink_saturation"], min_value: int = DEFAULTS["min_value"],
                   min_contrast: int = DEFAULTS["min_contrast"]) -> np.ndarray:
     """(h, w) bool tissue mask of a thumbnail (see the module doc for the rule)."""
-    image = _to_uint8(thumbnail)
+    image = to_display(np.asarray(thumbnail))
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     rgb = image.ndim == 3 and image.shape[2] in (3, 4)
@@ -191,7 +182,7 @@ class TissueMask:
         """The thumbnail with the glass dimmed and the mask outlined in green, as a PNG."""
         from PIL import Image, ImageDraw
 
-        image = _to_uint8(thumbnail)
+        image = to_display(np.asarray(thumbnail))
         if image.ndim == 2 or image.shape[2] != 3:
             grey = image if image.ndim == 2 else image.mean(axis=2)
             image = np.repeat(np.asarray(grey, np.uint8)[..., None], 3, axis=2)
