@@ -382,7 +382,10 @@ def train(request: RunRequest, info: Any, device: Any) -> dict[str, Any]:
     apply_band_norm(cfg, splits, resuming=state is not None)
     check_eval_metric(cfg, splits.train.tasks)  # the tasks are known now; nothing is trained or written yet
     record_validation(splits, run_dir / "validation.json", resuming=state is not None, write=False)
-    pipeline = build_pipeline(cfg, splits.train.tasks).to(device)
+    from hrsel.models.fastpath import prepare_for_device
+
+    pipeline = prepare_for_device(build_pipeline(cfg, splits.train.tasks), device,
+                                  channels_last=cfg.train.channels_last)
     probe_set = splits.test if splits.val is None else splits.val
     dry_run(cfg, pipeline, probe_set, collate)
     write_run_folder(request, splits, info)

@@ -167,8 +167,15 @@ def test_pipelines_select_only_on_tissue(name, training):
 def test_ips_streams_only_tissue_cells_and_cnn_ignores_masks():
     images, masks = island_images()
     ips = build_pipeline("ips", tasks={"y": TaskSpec("multiclass", 3)}, **SMALL["ips"])
-    encoded = []
+    encoded = []  # patches handed to the encoder: the scoring pass (which may encode a blank patch once) + M
     ips.classifier.backbone.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+    scoring = ips.classifier.encode_for_scoring
+
+    def count_scored(patches, **kwargs):
+        encoded.append(patches.shape[0] * patches.shape[1])
+        return scoring(patches, **kwargs)
+
+    ips.classifier.encode_for_scoring = count_scored
     with torch.no_grad():
         out = ips.eval()(images, tissue=masks)
     tissue_cells = sum(int(m.candidates(cell_corners(GridGeometry.regular((96, 96), patch_size=16)), 16).sum())

@@ -93,6 +93,7 @@ class TrainConfig:
     grad_accum: int = 1  # batches per optimiser update
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only; fp32 on CPU)
     compile: bool = False  # torch.compile the pipeline
+    channels_last: bool = True  # convolutions in NHWC (hrsel.models.fastpath): faster on CPU and GPU, same results
     skip_nan_updates: bool = False  # skip an update with a non-finite loss instead of stopping
     max_nan_skips: int = 20  # with skip_nan_updates: stop after this many non-finite losses in a row
     checkpoint_every: int = 0  # also checkpoint every n updates (0: only at epoch ends)

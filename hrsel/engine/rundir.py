@@ -41,7 +41,8 @@ RESULTS = ("last.pt", "best.pt", "metrics.csv", "test_metrics.json")  # what a r
 MODES = ("new", "resume", "overwrite")
 # Keys a resumed run may change: they do not alter what was learnt so far or how it is scored.
 SAFE_ON_RESUME = ("device", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.progress_bar",
-                  "train.find_unused_parameters", "data.num_workers", "data.eval_batch_size", "eval.pictures")
+                  "train.find_unused_parameters", "data.num_workers", "data.eval_batch_size", "eval.pictures",
+                  "train.channels_last", "model.score_batch", "model.compile_scorer")  # the last three: speed only
 LOCATION_KEYS = ("output_dir", "experiment")  # where the run lives: given by the folder itself on resume
 
 

@@ -24,6 +24,7 @@ import torch
 
 from hrsel.config import Config, from_dict, validate
 from hrsel.errors import CheckpointError, ConfigError
+from hrsel.models.fastpath import prepare_for_device
 from hrsel.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def load_model(path: str | os.PathLike, *, checkpoint: str = "best", device: str
         raise CheckpointError(f"checkpoint {str(file)!r}: its weights do not fit the {cfg.model.name!r} pipeline "
                               f"built from its own config: {first}. It was written by another version of hrsel "
                               f"({state.get('hrsel_version', 'unknown')}); load it with that version") from None
-    pipeline.to(target).eval()
+    prepare_for_device(pipeline, target, channels_last=cfg.train.channels_last).eval()
     train_state = dict(state.get("train_state") or {})
     set_progress = getattr(pipeline, "set_progress", None)
     if callable(set_progress) and "step" in train_state:  # e.g. DPS's sigma schedule at the checkpoint's step

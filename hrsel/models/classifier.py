@@ -9,6 +9,7 @@ from torch import nn
 from hrsel.errors import ConfigError
 from hrsel.models.aggregators import build_aggregator
 from hrsel.models.backbones import build_backbone
+from hrsel.models.fastpath import encode_eval
 from hrsel.models.heads import TaskHeads
 from hrsel.tasks import TaskSpec
 
@@ -72,6 +73,16 @@ class PatchClassifier(nn.Module):
         """(B, K, C, p, p) -> (B, K, D)."""
         b, k = patches.shape[:2]
         return self.drop(self.backbone(patches.flatten(0, 1)).view(b, k, -1))
+
+    def encode_for_scoring(self, patches: torch.Tensor, *, part: int | None = None, backbone: nn.Module | None = None,
+                           constant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`encode` for a no-grad pass in eval mode, faster (`hrsel.models.fastpath.encode_eval`);
+        `backbone`: the same network in another form (e.g. compiled); `constant`: (B, K, C) fills and
+        (B, K) flags of `hrsel.models.fastpath.constant_patches`, when known."""
+        b, k = patches.shape[:2]
+        flat = None if constant is None else (constant[0].flatten(0, 1), constant[1].flatten(0, 1))
+        backbone = self.backbone if backbone is None else backbone
+        return encode_eval(backbone, patches.flatten(0, 1), part, flat).view(b, k, -1)
 
     def classify(self, features: torch.Tensor, *, mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, whole: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from hrsel.models.candidates import candidate_masks
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.dps import SoftTopK
-from hrsel.models.patches import ImageBatch
+from hrsel.models.patches import ImageBatch, host_to_device
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
 from hrsel.select import entropy_regularizer
-from hrsel.select.extract import GridGeometry
+from hrsel.select.extract import GridGeometry, grid_chunk
 from hrsel.select.ips import TopMResult, iterative_topm
 from hrsel.tasks import TaskSpec
 
@@ -84,11 +84,20 @@ class DPSCandidatesPipeline(Pipeline):
         small = F.avg_pool2d(patches.flatten(0, 1), self.score_downscale)  # (B*n, C, p/d, p/d)
         return self.scorer(small, grid_shape=(1, 1)).view(b, n)
 
+    def score_small(self, small: torch.Tensor) -> torch.Tensor:
+        """(B, n, C, p/d, p/d) patches already downscaled -> (B, n) raw scores."""
+        b, n = small.shape[:2]
+        return self.scorer(small.flatten(0, 1), grid_shape=(1, 1)).view(b, n)
+
     @torch.no_grad()
     def _stream(self, batch: ImageBatch, geometry: GridGeometry, cells: torch.Tensor | None = None) -> TopMResult:
         """The no-grad pass over the grid (or only `cells`) -> the top C, all_scores (B, N) NaN where unseen."""
         c = min(self.num_candidates, geometry.num_patches if cells is None else len(cells))
-        chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk, cells))
+        pooled = None if cells is not None else pooled_grid(batch, geometry, self.score_downscale)
+        if pooled is None:
+            chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk, cells))
+        else:  # each patch's downscaled view sliced from the image downscaled once
+            chunks = ((idx, self.score_small(p)) for idx, p in pooled_chunks(*pooled, self.score_chunk, batch))
         found = iterative_topm(chunks, m=c, score_fn=lambda items, mask, idx: items, record_scores=True)
         found.all_scores = F.pad(found.all_scores, (0, geometry.num_patches - found.all_scores.shape[1]),
                                  value=float("nan"))
@@ -131,3 +140,35 @@ class DPSCandidatesPipeline(Pipeline):
         return PipelineOutput(logits=logits, indices=indices, scores=found.all_scores, aux_loss=aux,
                               stats={"sigma": self.select.sigma, "patches_scored": float(
                                   geometry.num_patches if on_tissue is None else on_tissue.sum() / batch.batch_size)})
+
+
+def pooled_grid(batch: ImageBatch, geometry: GridGeometry, factor: int):
+    """(the in-memory images downscaled once (B, C, H'/d, W'/d), the grid on them, its offset), or None.
+
+    Exact when every patch starts on the pooling grid (stride, padding and offset multiples of
+    `factor`): a patch's d x d blocks are then blocks of the downscaled image, and overlapping
+    patches (DPS with candidates: stride 24, patch 100) are not pooled again for each overlap.
+    Lazy sources and other grids: None (patches are pooled one by one).
+    """
+    if batch.is_lazy:
+        return None
+    top = [geometry.padding[i] if geometry.padding[i] >= 0 else -geometry.padding[i] for i in (0, 1)]
+    if any(v % factor for v in (*geometry.stride, *top)):
+        return None
+    padded, (oy, ox) = geometry.pad_image(batch.tensor)
+    height, band = padded.shape[2] // factor * factor, 64 * factor  # float in bands: O(band) beside the image
+    small = torch.cat([F.avg_pool2d(batch._to_float(host_to_device(padded[:, :, y:min(y + band, height)],
+                                                                    batch.device)), factor)
+                       for y in range(0, height, band)], dim=2)  # (B, C, H'/d, W'/d)
+    grid = GridGeometry(geometry.patch_size // factor, (geometry.stride[0] // factor, geometry.stride[1] // factor),
+                        (geometry.padding[0] // factor, geometry.padding[1] // factor), geometry.shape)
+    return small, grid, (oy // factor, ox // factor)
+
+
+def pooled_chunks(small: torch.Tensor, grid: GridGeometry, offset: tuple[int, int], chunk_size: int,
+                  batch: ImageBatch):
+    """Yields (indices (B, n), downscaled patches (B, n, C, p/d, p/d)) in raster order, as `ImageBatch.chunks`."""
+    for start in range(0, grid.num_patches, chunk_size):
+        stop = min(start + chunk_size, grid.num_patches)
+        idx = torch.arange(start, stop, device=small.device).expand(batch.batch_size, -1)
+        yield idx, grid_chunk(small, grid, offset, start, stop)

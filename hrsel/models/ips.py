@@ -14,6 +14,7 @@ the IPS CAMELYON16 setup): the "backbone" is then a projector of the features
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,11 +24,14 @@ from hrsel.errors import ConfigError
 from hrsel.models.bags import FeatureBags, is_feature_bags
 from hrsel.models.candidates import candidate_masks
 from hrsel.models.classifier import PatchClassifier
+from hrsel.models.fastpath import FoldedBackbone, check_score_batch, constant_patches, resolve_score_batch
 from hrsel.models.patches import ImageBatch
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.select.extract import GridGeometry
 from hrsel.select.ips import iterative_topm
 from hrsel.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
 
 MODES = ("eager", "eager_sequential", "lazy")
 
@@ -49,6 +53,14 @@ class IPSPipeline(Pipeline):
         shuffle: break attention ties randomly (IPS shuffles its patches).
         mode: eager (whole batch on the model's device) | eager_sequential (one image at a time
             in the selection pass) | lazy (images stay where they are; chunks move to the device).
+        score_batch: patches per encoder call in the no-grad pass ("auto": 64 on a CPU, the whole
+            chunk on a GPU; see `hrsel.models.fastpath`). Changes the speed, not the selection.
+        compile_scorer: `torch.compile` the backbone of the no-grad pass (compiled at the first
+            step; the gradient pass runs the plain module, with the same weights).
+        skip_blank: a patch of one colour (empty canvas, blank glass) is never selected ahead of
+            one with content, as off-tissue cells are not; an image with fewer than M patches with
+            content is classified from those alone (from its blank ones only when it has no content
+            at all). Off by default: IPS selects among all patches.
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 50,
@@ -56,13 +68,16 @@ class IPSPipeline(Pipeline):
                  backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
                  aggregator_options: dict[str, Any] | None = None, pos_encoding: str = "none",
                  num_positions: int = 0, head_hidden: int | None = None, shuffle: bool = True,
-                 mode: str = "lazy"):
+                 mode: str = "lazy", score_batch: int | str | None = "auto", compile_scorer: bool = False,
+                 skip_blank: bool = False):
         super().__init__()
+        check_score_batch(score_batch)
         self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         if mode not in MODES:
             raise ConfigError(f"IPS mode {mode!r} is unknown; valid: {', '.join(MODES)}")
         self.patch_size, self.stride = patch_size, stride
         self.num_selected, self.chunk_size, self.shuffle, self.mode = num_selected, chunk_size, shuffle, mode
+        self.score_batch, self.compile_scorer, self.skip_blank = score_batch, compile_scorer, skip_blank
         self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
                                           backbone_options=backbone_options, aggregator="attention",
                                           aggregator_options=aggregator_options, head_hidden=head_hidden,
@@ -93,8 +108,10 @@ class IPSPipeline(Pipeline):
             num_items = geometry.num_patches if cells is None else len(cells)
         was_training = self.training
         self.eval()
+        part = resolve_score_batch(self.score_batch, next(self.parameters()).device)
         try:
-            encoded = ((idx, self.classifier.encode(items)) for idx, items in chunks)
+            backbone = self._scoring_backbone()
+            encoded = ((idx, *self._encode_chunk(items, part, backbone)) for idx, items in chunks)
             result = iterative_topm(encoded, m=min(self.num_selected, num_items), score_fn=self._score,
                                     record_fn=self._logits, random_ties=self.shuffle and was_training)
             if cells is not None:  # logits (B, n' <= N, H*T) at the cells seen: NaN up to N
@@ -105,6 +122,35 @@ class IPSPipeline(Pipeline):
             return result
         finally:
             self.train(was_training)
+
+    def _encode_chunk(self, items: torch.Tensor, part: int | None,
+                      backbone: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, C, p, p) patches or (B, n, D) features -> (embeddings (B, n, D'), may be selected (B, n))."""
+        if items.dim() != 5:
+            encoded = self.classifier.encode_for_scoring(items, part=part, backbone=backbone)
+            return encoded, torch.ones(items.shape[:2], dtype=torch.bool, device=items.device)
+        fill, constant = constant_patches(items)  # (B, n, C), (B, n): once for both uses
+        encoded = self.classifier.encode_for_scoring(items, part=part, backbone=backbone, constant=(fill, constant))
+        return encoded, ~constant if self.skip_blank else torch.ones_like(constant)
+
+    def _scoring_backbone(self) -> torch.nn.Module:
+        """The backbone for the no-grad pass: BatchNorm folded in (`FoldedBackbone`), maybe compiled.
+
+        Cached outside the module tree (`__dict__`): no second copy in the state dict."""
+        backbone = self.classifier.backbone
+        cached = self.__dict__.get("_scoring")  # (FoldedBackbone or None, module to call, the backbone)
+        if cached is not None and cached[2] is backbone and (cached[0] is None or cached[0].matches(backbone)):
+            if cached[0] is not None:
+                cached[0].refresh()
+            return cached[1]
+        try:
+            folded = FoldedBackbone(backbone)
+        except Exception as error:  # a network torch.fx cannot trace: score with the live one
+            log.debug("no BatchNorm folding for %s: %s", type(backbone).__name__, error)
+            folded = None
+        module = backbone if folded is None else folded.module
+        self.__dict__["_scoring"] = (folded, torch.compile(module) if self.compile_scorer else module, backbone)
+        return self.__dict__["_scoring"][1]
 
     def _select_one_by_one(self, parts: list[ImageBatch | FeatureBags], geometry: GridGeometry | None = None,
                            cells: list[torch.Tensor] | None = None):
@@ -146,6 +192,8 @@ class IPSPipeline(Pipeline):
         else:
             result = self.select(batch, geometry)
             indices, mask, scores = result.indices, result.mask, result.all_scores
+        if self.skip_blank:  # an image without content: its blank patches after all
+            mask = mask | (~mask.any(dim=1, keepdim=True) & (indices >= 0))
         patches = batch.gather(geometry, indices)  # (B, M, C, p, p), with grad from here on
         logits = self.classifier(patches, mask=mask, positions=indices)
         scored = geometry.num_patches if candidates is None else float(candidates.sum()) / batch.batch_size

@@ -51,8 +51,10 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
     """Select the M best items of a stream without holding more than M + I of them.
 
     Args:
-        chunks: yields (indices (B, n) int64, items (B, n, ...)); indices identify the items
-            (e.g. patch indices in the grid) and are returned for the winners.
+        chunks: yields (indices (B, n) int64, items (B, n, ...)) or (indices, items, present (B, n)
+            bool); indices identify the items (e.g. patch indices in the grid) and are returned for
+            the winners. An item not `present` is never kept ahead of a present one: it fills a
+            slot (mask False) only when a row has fewer than m present items.
         m: how many items to keep (M).
         score_fn: scores (B, n') for a set of items and its mask; called on buffer + chunk.
         record_scores: also return every item's score from the round in which it arrived,
@@ -77,7 +79,8 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
     arrived = 0
     nonfinite = None  # per row: first stream index with a non-finite score, and that score
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for idx, items in chunks:
+    for chunk in chunks:
+        idx, items = chunk[0], chunk[1]
         if idx.dim() != 2 or items.shape[:2] != idx.shape:
             raise SelectionError(
                 f"each chunk must be (indices (B, n), items (B, n, ...)), got shapes "
@@ -86,7 +89,7 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
         if idx.shape[0] == 0:
             raise SelectionError(f"iterative_topm got an empty batch (indices of shape {tuple(idx.shape)}); "
                                  "pass at least one image")
-        new_mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        new_mask = chunk[2] if len(chunk) > 2 else torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         if random_ties:
             new_keys = torch.rand(idx.shape, generator=generator, device="cpu", dtype=torch.float64).to(idx.device)
         else:  # arrival order
@@ -105,7 +108,7 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
             raise SelectionError(f"score_fn returned shape {tuple(scores.shape)}, expected {tuple(cand_idx.shape)}")
         nonfinite = _first_nonfinite(scores, cand_mask, cand_idx, nonfinite)
         if record_fn is not None:
-            recorded.append((idx, record_fn(items, new_mask, idx).float()))
+            recorded.append((idx, record_fn(items, torch.ones_like(new_mask), idx).float()))
         elif record_scores:
             recorded.append((idx, scores[:, -idx.shape[1]:].float()))
         buf = _keep_top(cand_idx, cand_items, scores, cand_mask, cand_keys, m)
