@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU campaign: everything a session lent the GPU machine (one H200, 16 cores) measures in ONE device call
-# of at most 9 minutes. Every result is JSON under $OUT (default ./gpu_campaign_out), at most 7 files:
+# of at most 9 minutes. Every result is JSON under $OUT (default ./gpu_campaign_out), at most 8 files:
 #
 #   env.json             nvidia-smi, python / torch / CUDA / cuDNN versions, which optional modules import
 #   status.json          per step: ok | failed | timeout | skipped, exit status, seconds, budget (rewritten
@@ -9,6 +9,7 @@
 #                        batch 16), IPS (configs/mnist.yaml) in bf16 for a fixed time: test accuracy about
 #                        once a minute (metrics.csv rows), test_metrics.json, the step-time probe and the plan
 #   memory_h200.json     peak GPU memory of one training step, 1 to 1000 megapixels, IPS and DPS-candidates
+#   train_step_h200.json benchmarks/train_step.py: IPS step at batch 16, N = 900 / 3600 / 250k, fp32 vs bf16
 #   topk_op_h200.json    benchmarks/topk_op.py on CUDA (traffic and billiard sizes)
 #   speed_study_h200.json  benchmarks/speed_study.py on CUDA, reduced grid
 #   campaign.log         every command's output
@@ -166,14 +167,14 @@ for name, array in (("t10k-images-idx3-ubyte.gz", images), ("t10k-labels-idx1-ub
 EOF
 else MNIST=""; log "no MNIST: set HRSEL_MNIST_DIR or carry .mnist/ (see benchmarks/README.md)"; fi
 
-run_step data 90 env ${MNIST:+HRSEL_MNIST_DIR=$MNIST} "$PY" tools/make_megapixel_mnist.py \
+run_step data 80 env ${MNIST:+HRSEL_MNIST_DIR=$MNIST} "$PY" tools/make_megapixel_mnist.py \
   --width $SIDE --height $SIDE --n-train $N_TRAIN --n-test $N_TEST --workers $WORKERS --no-download --quiet \
   ${MNIST:+--mnist-dir "$MNIST"} "$DATA"
 
 COMMON=(configs/mnist.yaml "data.root=$DATA" data.generate_if_missing=false data.val_split=none
         train.precision=bf16 train.progress_bar=false eval.pictures=0 optim.warmup_epochs=0
         optim.warmup_ratio=0.05 "${SIZE[@]}" --output-dir "$RUNS" --device $DEVICE)
-TRAIN_END=$(( $(date +%s) + $(budget 240) ))  # probe + training share one budget
+TRAIN_END=$(( $(date +%s) + $(budget 200) ))  # probe + training share one budget
 PROBE_T0=$(date +%s)
 run_step probe 75 "$PY" -m hrsel.train "${COMMON[@]}" experiment=probe train.epochs=1 \
   train.max_steps=$PROBE_STEPS data.limit_train=$(( PROBE_STEPS * BATCH )) data.limit_eval=$BATCH
@@ -281,8 +282,20 @@ EOF
 }
 # the dry run avoids --quick: its 64-pixel patches are too small for dps_candidates' scorer (8 < 9 pixels)
 if [ $DRY = 1 ]; then MEM_SIDES=1000; MEM_ARGS=(--threads 1); else MEM_SIDES=1000,3163,10000,31623; MEM_ARGS=(); fi
-MEM_END=$(( $(date +%s) + $(budget 90) ))
-run_step memory 95 memory "$MEM_SIDES" "${MEM_ARGS[@]}"
+MEM_END=$(( $(date +%s) + $(budget 70) ))
+run_step memory 75 memory "$MEM_SIDES" "${MEM_ARGS[@]}"
+
+# ----------------------------------------------------------------------------- 2b. IPS training step, fp32 vs bf16
+# benchmarks/train_step.py: ms per step and peak memory at batch 16, N = 900 / 3600 / 250,000 (lazy synthetic
+# images, hrsel only: the plain implementation reads them patch by patch); one process per row, JSON rewritten
+# after each, so the rows measured before the budget runs out are kept
+if [ $DRY = 1 ]; then
+  TSTEP=(--quick --device cpu --threads 1 --cases ips_b16_n900 --rounds 1 --repeats 1 --timeout 60)
+else
+  TSTEP=(--device cuda --precision fp32,bf16 --cases ips_b16_n900,ips_b16_n3600,ips_b16_n250000 --rounds 1
+         --repeats 2 --skip-plain-above 10000 --timeout 45)
+fi
+run_step train_step 75 "$PY" benchmarks/train_step.py "${TSTEP[@]}" --json "$OUT/train_step_h200.json"
 
 # ----------------------------------------------------------------------------- 3. top-K operator, speed study
 if [ $DRY = 1 ]; then

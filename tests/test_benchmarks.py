@@ -102,9 +102,10 @@ def test_gpu_campaign_dry_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:] + log[-3000:]
     out = tmp_path / "out"
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("env", "status", "learning_h200", "memory_h200", "topk_op_h200", "speed_study_h200")}
+               for name in ("env", "status", "learning_h200", "memory_h200", "topk_op_h200", "speed_study_h200",
+                            "train_step_h200")}
     steps = results["status"]["steps"]
-    assert list(steps) == ["setup", "data", "probe", "train", "memory", "topk_op", "speed_study"]
+    assert list(steps) == ["setup", "data", "probe", "train", "memory", "train_step", "topk_op", "speed_study"]
     assert all(s["status"] == "ok" for s in steps.values()), (steps, log[-3000:])
     assert results["status"]["dry_run"] and results["env"]["dry_run"] and "torch" in results["env"]["modules"]
     learning = results["learning_h200"]
@@ -115,5 +116,7 @@ def test_gpu_campaign_dry_run(tmp_path):
         ("ips", 1000, "ok"), ("dps_candidates", 1000, "ok")]
     assert [r["case"] for r in results["topk_op_h200"]] == ["tiny"]
     assert results["speed_study_h200"]["rows"]
+    assert [(r["case"], r["impl"], r["status"]) for r in results["train_step_h200"]["rows"]] == [
+        ("ips_b16_n900", "hrsel", "ok"), ("ips_b16_n900", "plain", "ok")]
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.json" for n in results] + ["campaign.log"])
     assert not list(tmp_path.glob("gpu_campaign.*"))  # the work folder is removed
