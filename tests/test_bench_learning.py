@@ -1,0 +1,127 @@
+"""benchmarks/learning.py: the learning record's dry run through the real trainer, its JSON, PNG and summaries."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_learning():
+    spec = importlib.util.spec_from_file_location("bench_learning", REPO / "benchmarks" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+learning = load_learning()
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    """The trainer subprocesses inherit one thread each: tiny runs on a shared 2-core machine go faster."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+
+
+def check_runs(entry: dict, metric: str, configs: list[str]) -> None:
+    assert [Path(r["config"]).stem for r in entry["runs"]] == configs
+    for run in entry["runs"]:
+        assert run["status"] == "finished" and run["returncode"] == 0, run.get("error")
+        rows = run["rows"]
+        assert len(rows) == 2, rows  # two epochs, one row each
+        steps, minutes = [r["step"] for r in rows], [r["minutes"] for r in rows]
+        assert steps == sorted(steps) and steps[0] < steps[-1] and steps[0] > 0, steps
+        assert all(m > 0 for m in minutes) and minutes[0] < minutes[-1], minutes
+        assert [r["train_minutes"] for r in rows] == sorted(r["train_minutes"] for r in rows)
+        for r in rows:
+            assert 0.0 <= r[f"val/{metric}"] <= 1.0, r
+        assert run["test_source"] == "test_metrics.json"
+        assert 0.0 <= run["test"][metric] <= 1.0
+        assert run["command"].startswith("python -m hrsel.train configs/") and f"seed={run['seed']}" in run["command"]
+        assert run["minutes"] >= minutes[-1]
+
+
+def test_dry_run_mnist_and_billiard_write_json_and_png(tmp_path, single_thread, capsys):
+    out = tmp_path / "learning.json"
+    out.write_text(json.dumps({"earlier-task": {"task": "earlier-task", "runs": []}}))  # kept by the merge
+    code = learning.main(["--task", "mnist-s-ips", "--dry-run", "--json", str(out), "--poll", "0.2",
+                          "--runs-dir", str(tmp_path / "runs")])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    code = learning.main(["--task", "billiard-s", "--dry-run", "--json", str(out), "--poll", "0.2", "--seeds", "1",
+                          "--runs-dir", str(tmp_path / "runs"), "--plot"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+
+    data = json.loads(out.read_text())
+    assert set(data) == {"earlier-task", "mnist-s-ips", "billiard-s"}
+    ips = data["mnist-s-ips"]
+    check_runs(ips, "majority/accuracy", ["mnist_s_ips"])
+    assert {"max/accuracy", "top/accuracy", "multi/exact_match"} <= set(ips["runs"][0]["test"])
+    assert ips["machine"]["cpu_count"] >= 1 and ips["machine"]["torch"] and ips["dry_run"] is True
+    assert ips["met"] in (True, False) and ips["runs"][0]["met"] in (True, False)
+    billiard = data["billiard-s"]
+    check_runs(billiard, "max-left-right/accuracy",
+               ["billiard_s_transformer", "billiard_s_mean", "billiard_s_max", "billiard_s_ats"])
+    assert {r["seed"] for r in billiard["runs"]} == {1}
+    assert set(billiard["summary"]) == {"billiard_s_transformer", "billiard_s_mean", "billiard_s_max",
+                                        "billiard_s_ats"}
+    png = out.with_suffix(".png")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    for run in ips["runs"] + billiard["runs"]:  # a dry run never writes into the configs' data folders
+        root = next(a for a in run["command"].split() if a.startswith("data.root="))
+        assert not root.startswith(f"data.root={REPO}") and "data/" not in root[:15], root
+
+
+def test_summary_and_sigma_order():
+    def run(stem, seed, value):
+        return {"config": f"configs/{stem}.yaml", "seed": seed, "test": {"m": value}}
+
+    runs = [run("billiard_s_nodecay_perturbed", s, v) for s, v in enumerate((0.50, 0.52, 0.54))]
+    runs += [run("billiard_s_nodecay_hard", s, v) for s, v in enumerate((0.60, 0.62, 0.64))]
+    runs += [run("billiard_s_decay_hard", s, v) for s, v in enumerate((0.70, 0.72, None))]
+    summary = learning.summarize(runs, "m")
+    assert summary["billiard_s_nodecay_hard"]["mean"] == pytest.approx(0.62)
+    assert summary["billiard_s_nodecay_hard"]["std"] == pytest.approx(0.02)
+    assert summary["billiard_s_decay_hard"]["n"] == 2  # a run without a test value is not counted
+    assert learning.in_order(summary) is True
+    assert learning.TASKS["sigma-ablation"].target.check(summary) is True
+    summary["billiard_s_nodecay_hard"]["mean"] = 0.80
+    assert learning.in_order(summary) is False
+    del summary["billiard_s_decay_hard"]
+    assert learning.in_order(summary) is None  # not all variants ran: open
+
+    billiard = learning.TASKS["billiard-s"].target.check
+    assert billiard({"billiard_s_transformer": {"mean": 0.85, "n": 1}, "billiard_s_mean": {"mean": 0.70, "n": 1}})
+    assert not billiard({"billiard_s_transformer": {"mean": 0.85, "n": 1}, "billiard_s_mean": {"mean": 0.80, "n": 1}})
+    assert not billiard({"billiard_s_transformer": {"mean": 0.79, "n": 1}, "billiard_s_mean": {"mean": 0.5, "n": 1}})
+
+
+def test_row_clock_spreads_rows_seen_together():
+    clock = learning.RowClock()
+    rows = [{"epoch": 1.0, "step": 10.0, "epoch_s": 60.0}, {"epoch": 2.0, "step": 20.0, "epoch_s": 120.0}]
+    clock.observe(rows[:0], 0.5)
+    clock.observe(rows, 5.0)  # both appeared in one poll: the first was written 2 minutes before the second
+    final = clock.stamped(rows + [{"epoch": 3.0, "step": 30.0, "epoch_s": 60.0}], 7.0)
+    assert [r["minutes"] for r in final] == [3.0, 5.0, 7.0]
+    assert [r["train_minutes"] for r in final] == [1.0, 3.0, 4.0]
+    assert [r["step"] for r in final] == [10, 20, 30]
+
+
+def test_every_task_config_exists_and_bad_arguments_exit_2(tmp_path, capsys):
+    for name, task in learning.TASKS.items():
+        for config in task.configs:
+            assert (REPO / "configs" / f"{config}.yaml").is_file(), (name, config)
+        assert task.metric and task.minutes <= 120
+    assert learning.TASKS["sigma-ablation"].seeds == (0, 1, 2)
+    assert learning.main(["--task", "no-such-task"]) == 2
+    assert "no-such-task" in capsys.readouterr().err
+    assert learning.main([]) == 2
+    assert learning.main(["--plot", "--json", str(tmp_path / "missing.json")]) == 2
+    assert learning.main(["--task", "mnist-s-ips", "--set", "optim.lr"]) == 2
+    assert not math.isnan(learning.TASKS["mnist-s-ips"].target.line)
