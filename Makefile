@@ -19,7 +19,7 @@ BENCH_JSON ?= benchmarks/results/local/topk_op_cpu.json
 .PHONY: demo test test-zarr2 install bench clean
 
 demo: $(STAMP)
-	$(PY) -m hrsel.train configs/demo.yaml
+	$(PY) -m hrsel.demo configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

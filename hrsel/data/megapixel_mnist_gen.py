@@ -143,17 +143,28 @@ def sample_layout(labels: np.ndarray, *, n: int, height: int, width: int, noise:
     return SplitLayout(index, labels[index], positions.astype(np.int64), noise_positions, noise_index, patterns)
 
 
+def image_patches(layout: SplitLayout, pool: np.ndarray, item: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """((y, x) top-left, (28, 28) uint8 pixels) of image `item` in drawing order: noise first, digits on top."""
+    patches = [(p, layout.noise_patterns[j]) for p, j in zip(layout.noise_positions[item], layout.noise_index[item])]
+    return patches + [(p, pool[j]) for p, j in zip(layout.positions[item], layout.digit_index[item])]
+
+
+def paint(canvas: np.ndarray, patches: list[tuple[np.ndarray, np.ndarray]], origin: tuple[int, int]) -> np.ndarray:
+    """Draw `patches` (`image_patches`) into the 2-D `canvas` whose pixel [0, 0] is the image's
+    (y, x) = `origin`, clipped to the canvas; later patches overwrite earlier ones. Returns `canvas`."""
+    y0, x0 = origin
+    h, w = canvas.shape
+    for (y, x), patch in patches:
+        top, bottom, left, right = max(y, y0), min(y + DIGIT, y0 + h), max(x, x0), min(x + DIGIT, x0 + w)
+        if top < bottom and left < right:
+            canvas[top - y0:bottom - y0, left - x0:right - x0] = patch[top - y:bottom - y, left - x:right - x]
+    return canvas
+
+
 def render_rows(layout: SplitLayout, pool: np.ndarray, item: int, rows: tuple[int, int], width: int) -> np.ndarray:
     """Rows [y0, y1) of image `item` as (y1 - y0, width) uint8: noise first, digits on top."""
     y0, y1 = rows
-    band = np.zeros((y1 - y0, width), dtype=np.uint8)
-    patches = [(p, layout.noise_patterns[j]) for p, j in zip(layout.noise_positions[item], layout.noise_index[item])]
-    patches += [(p, pool[j]) for p, j in zip(layout.positions[item], layout.digit_index[item])]
-    for (y, x), patch in patches:
-        top, bottom = max(y, y0), min(y + DIGIT, y1)
-        if top < bottom:
-            band[top - y0:bottom - y0, x:x + DIGIT] = patch[top - y:bottom - y, :width - x]
-    return band
+    return paint(np.zeros((y1 - y0, width), dtype=np.uint8), image_patches(layout, pool, item), (y0, 0))
 
 
 def write_image(path: Path, layout: SplitLayout, pool: np.ndarray, item: int, *,
@@ -298,3 +309,98 @@ def _write_images(splits: dict[str, tuple[SplitLayout, np.ndarray, str]], params
                                      initargs=(splits, params)) as ex:
                 for done in ex.map(_write_items, *zip(*tasks)):
                     bar.update(done)
+
+
+# ---------------------------------------------------------------------------------------- one big canvas
+
+IPS_NOISE_DENSITY = 50 / 1500**2  # IPS: 50 line patterns on every 1500x1500 canvas
+BIG_CANVAS_FORMAT = "hrsel-megapixel-mnist-canvas/1"
+
+
+def paper_noise_count(height: int, width: int) -> int:
+    """Noise placements at IPS's density on a height x width canvas (50 per 1500x1500)."""
+    return int(round(IPS_NOISE_DENSITY * height * width))
+
+
+def big_canvas_sidecar(path: str | os.PathLike) -> Path:
+    """The JSON beside a big canvas (`big_canvas_20000.tif` -> `big_canvas_20000.json`)."""
+    return Path(path).with_suffix(".json")
+
+
+def write_big_canvas(path: str | os.PathLike, *, side: int = 20000, digits: DigitPools | str = "mnist",
+                     split: str = "test", n_noise: int | None = None, seed: int = 0, tile: int = 512,
+                     mnist_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """One Megapixel MNIST image on a side x side canvas, as a tiled pyramidal TIFF; returns its labels.
+
+    The 5 digits (3 of the majority class) and `n_noise` line patterns (default: IPS's density,
+    `paper_noise_count`) are drawn as `sample_layout` and `image_patches` draw a data set's image,
+    from the `split` pool of `digits` (a `DigitPools`, or a source name for `load_digit_pools`,
+    never downloading), at the training scale: 28x28 with the same pixel values. The canvas is
+    written tile by tile (`hrsel.io.writer.write_sparse_pyramid`): only tiles touching a digit or
+    a pattern are rendered and memory stays O(tile), whatever the side; lower levels are block
+    means down to a level under 1024 px. Returns `SplitLayout.labels()` of the image (majority, max,
+    top, multi, digits, positions as [y, x]), also written with the parameters to
+    `big_canvas_sidecar(path)`. The TIFF is written to a temporary file and moved into place.
+    """
+    from tqdm.auto import tqdm
+
+    from hrsel.data.digits import load_digit_pools
+    from hrsel.io.resize import block_mean
+    from hrsel.io.writer import write_sparse_pyramid
+
+    if side < 2 * DIGIT + 1 or tile < 16 or tile % 16:
+        raise DataError(f"big canvas side={side} must exceed {2 * DIGIT} px and tile={tile} be a multiple of 16 "
+                        f"(a TIFF tile rule); use a larger side or tile")
+    pools = digits if isinstance(digits, DigitPools) else load_digit_pools(
+        digits=digits, mnist_dir=mnist_dir, download=False, progress=False)
+    pool, labels = pools.split(split)
+    n_noise = paper_noise_count(side, side) if n_noise is None else int(n_noise)
+    if n_noise < 0:
+        raise DataError(f"n_noise={n_noise} cannot be negative")
+    layout = sample_layout(labels, n=1, height=side, width=side, noise=n_noise > 0, n_noise=n_noise, seed=seed)
+    buckets: dict[tuple[int, int], list] = {}  # level-0 tile (row, col) -> the patches touching it, in order
+    for patch in image_patches(layout, pool, 0):
+        (y, x) = patch[0]
+        for ty in range(y // tile, (y + DIGIT - 1) // tile + 1):
+            for tx in range(x // tile, (x + DIGIT - 1) // tile + 1):
+                buckets.setdefault((ty, tx), []).append(patch)
+    levels = 1
+    while (side >> levels) >= 512 and tile % (1 << levels) == 0:
+        levels += 1
+    total = sum((-(-max(1, side >> level) // tile)) ** 2 for level in range(levels))
+    with tqdm(total=total, unit="tile", desc=f"big canvas {side}x{side}", disable=not progress) as bar:
+        def tile_fn(level: int, tx: int, ty: int) -> np.ndarray | None:
+            bar.update(1)
+            f = 1 << level
+            step = tile // f  # pixels of this level per level-0 tile
+            out = None
+            for sy in range(f):
+                for sx in range(f):
+                    key = (ty * f + sy, tx * f + sx)
+                    found = buckets.get(key)
+                    if not found:
+                        continue
+                    block = paint(np.zeros((tile, tile), np.uint8), found, (key[0] * tile, key[1] * tile))
+                    if out is None:
+                        out = np.zeros((tile, tile, 1), np.uint8)
+                    out[sy * step:(sy + 1) * step, sx * step:(sx + 1) * step] = block_mean(block[:, :, None], f)
+            return out
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            write_sparse_pyramid(tmp, size=(side, side), tile_fn=tile_fn, levels=levels, tile=tile, channels=1,
+                                 background=0)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    result = {task: values[0] for task, values in layout.labels().items()}
+    meta = {"format": BIG_CANVAS_FORMAT, "side": side, "n_noise": n_noise, "seed": seed, "split": split,
+            "tile": tile, "levels": levels, "digits": pools.source, "labels": result}
+    sidecar = big_canvas_sidecar(path)
+    sidecar.with_name(sidecar.name + ".tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+    log.info("big canvas %s: %dx%d, %d noise patterns, %d of %d level-0 tiles hold pixels, majority %d",
+             path, side, side, n_noise, len(buckets), (-(-side // tile)) ** 2, result["majority"])
+    return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +54,14 @@ def patch_features(coords: np.ndarray, patch_size: float | Sequence[float], scor
     `patch_size`: level-0 pixels (one number, or (width, height)); `scores` (N,) (NaN = not
     scored, left out); `selected`: patch indices the model selected (-1 = none, ignored).
     """
+    return {"type": "FeatureCollection", "features": list(iter_features(
+        coords, patch_size, scores, selected, image_wh=image_wh, object_type=object_type))}
+
+
+def iter_features(coords: np.ndarray, patch_size: float | Sequence[float], scores: np.ndarray,
+                  selected: Sequence[int] | np.ndarray = (), *, image_wh: tuple[int, int] | None = None,
+                  object_type: str = "tile") -> Iterator[dict[str, Any]]:
+    """The features of `patch_features`, one at a time (a 20000^2 image has 160000 of them)."""
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type={object_type!r}; valid: {', '.join(OBJECT_TYPES)}")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
@@ -63,7 +71,6 @@ def patch_features(coords: np.ndarray, patch_size: float | Sequence[float], scor
     width, height = (patch_size, patch_size) if np.isscalar(patch_size) else patch_size
     chosen = {int(i) for i in np.asarray(selected, dtype=np.int64).reshape(-1) if 0 <= i < len(scores)}
     ranks = score_ranks(scores)
-    features = []
     for i, ((x, y), score) in enumerate(zip(coords, scores)):
         ring = patch_polygon(x, y, width, height, image_wh)
         if ring is None or not (math.isfinite(score) or i in chosen):
@@ -71,19 +78,24 @@ def patch_features(coords: np.ndarray, patch_size: float | Sequence[float], scor
         name, color = ("selected", SELECTED_COLOR) if i in chosen else ("scored", SCORED_COLOR)
         measurements = {"score": float(score), "rank": int(ranks[i])} if math.isfinite(score) else {}
         measurements["patch index"] = i
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": {"objectType": object_type, "name": f"patch {i}",
-                                        "classification": {"name": name, "color": list(color)},
-                                        "measurements": measurements}})
-    return {"type": "FeatureCollection", "features": features}
+        yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+               "properties": {"objectType": object_type, "name": f"patch {i}",
+                              "classification": {"name": name, "color": list(color)},
+                              "measurements": measurements}}
 
 
 def write_geojson(path: str | Path, coords: np.ndarray, patch_size: float | Sequence[float], scores: np.ndarray,
                   selected: Sequence[int] | np.ndarray = (), *, image_wh: tuple[int, int] | None = None,
                   object_type: str = "tile") -> Path:
-    """Write `patch_features(...)` to `path` (UTF-8 JSON) and return the path."""
-    collection = patch_features(coords, patch_size, scores, selected, image_wh=image_wh, object_type=object_type)
+    """Write `patch_features(...)` to `path` (UTF-8 JSON, the bytes of `json.dumps` of it) and return the path.
+
+    Features are serialised one at a time, so memory does not grow with the number of patches."""
+    features = iter_features(coords, patch_size, scores, selected, image_wh=image_wh, object_type=object_type)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(collection, allow_nan=False), encoding="utf-8")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        for n, feature in enumerate(features):
+            f.write((", " if n else "") + json.dumps(feature, allow_nan=False))
+        f.write("]}")
     return path
