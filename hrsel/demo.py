@@ -191,8 +191,6 @@ def classify(run_dir: Path, image: Path, out: Path) -> dict:
 
 def classify_worker(run: str, image: str, out: str) -> int:
     """Worker mode: predict one image into `out` and print one JSON line (row, size, seconds, peak RSS)."""
-    import resource
-
     from hrsel.inference import load_model, predict_sources
     from hrsel.io import open_image
 
@@ -200,15 +198,28 @@ def classify_worker(run: str, image: str, out: str) -> int:
     start = time.perf_counter()
     result = predict_sources(model, [image], out_dir=out, progress=True)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-    if sys.platform == "darwin":
-        peak_mb /= 1024  # bytes on macOS
+    peak_mb = peak_rss_mb()
     geojson = result.files.get("geojson") or []
     patches = Path(geojson[0]).read_bytes().count(b'"Feature"') if geojson else 0  # one per scored patch
     row = {k: v for k, v in result.rows[0].items() if k.endswith("/predicted")}
     print(json.dumps({"row": row, "size": list(open_image(image).dimensions), "seconds": seconds,
                       "peak_mb": peak_mb, "patches": patches}))
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss survives exec, so a child
+    of the (big) training process would report at least the parent's size at the fork."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS
 
 
 def _device(run: str) -> str:

@@ -336,11 +336,15 @@ def _bar(total: int | None, desc: str, enabled: bool, *, unit: str = "it", leave
 
 
 class _patch_bar:
-    """A per-image bar of patches encoded: a forward hook on the pipeline's backbone counts its inputs."""
+    """A per-image bar of patches encoded: forward hooks on the pipeline's backbone (and IPS's scoring copy
+    of it, which encodes a blank patch once) count their inputs."""
 
     def __init__(self, pipeline: Any, group: list[dict[str, Any]], enabled: bool):
         self.module = getattr(getattr(pipeline, "classifier", None), "backbone", None)
-        self.enabled = enabled and isinstance(self.module, torch.nn.Module)
+        scoring = getattr(pipeline, "_scoring_backbone", None)  # IPS scores with a folded copy of it
+        self.modules = [m for m in (self.module, scoring() if callable(scoring) else None)
+                        if isinstance(m, torch.nn.Module)]
+        self.enabled = enabled and bool(self.modules)
         self.desc = group[0]["input"].path.name if len(group) == 1 else f"{len(group)} images"
         self.handle = None
 
@@ -351,11 +355,12 @@ class _patch_bar:
             def count(module, args, output):
                 self.bar.update(int(np.prod(args[0].shape[:-3])) if args and args[0].dim() >= 4 else 1)
 
-            self.handle = self.module.register_forward_hook(count)
+            self.handle = [m.register_forward_hook(count) for m in self.modules]
         return self
 
     def __exit__(self, *exc):
         if self.handle is not None:
-            self.handle.remove()
+            for handle in self.handle:
+                handle.remove()
             self.bar.close()
         return False
