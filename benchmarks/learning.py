@@ -47,6 +47,11 @@ POLL_S = 2.0  # seconds between reads of metrics.csv
 STOP_GRACE_S = 600.0  # seconds a run may take to save and leave after SIGINT (an evaluation in flight ends first)
 
 
+def _in_repo(text: str) -> str:
+    """Paths under the repository written relative to it: the record is committed, the checkout's place is not."""
+    return text.replace(f"{REPO}{os.sep}", "")
+
+
 # ----------------------------------------------------------------------------- the tasks
 
 @dataclass(frozen=True)
@@ -269,8 +274,9 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
     plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = plan.run_dir.parent / f"{plan.experiment}.log"
     record: dict[str, Any] = {"config": f"configs/{plan.config}.yaml", "seed": plan.seed,
-                              "command": " ".join(["python"] + command[1:]), "run_dir": str(plan.run_dir),
-                              "log": str(log_path), "date": _now(), "data": prepare_data(plan),
+                              "command": _in_repo(" ".join(["python"] + command[1:])),
+                              "run_dir": _in_repo(str(plan.run_dir)), "log": _in_repo(str(log_path)),
+                              "date": _now(), "data": _in_repo(prepare_data(plan)),
                               "limit_minutes": None if limit_minutes is None else round(limit_minutes, 2)}
     clock = RowClock()
     started = time.monotonic()
