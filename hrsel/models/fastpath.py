@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from hrsel.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CPU_SCORE_BATCH = 64  # patches per encoder call in the no-grad pass on a CPU ("auto")
@@ -53,8 +55,8 @@ def check_score_batch(score_batch: int | str | None) -> None:
     if score_batch in (None, "auto"):
         return
     if isinstance(score_batch, bool) or not isinstance(score_batch, int) or score_batch < 1:
-        raise ValueError(f"score_batch must be a positive int, 'auto' or null (one call per chunk), "
-                         f"got {score_batch!r}")
+        raise ConfigError(f"model.score_batch must be a positive int, 'auto' or null (one encoder call per "
+                          f"chunk), got {score_batch!r}")
 
 
 def encode_in_parts(encode: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
@@ -117,17 +119,15 @@ class FoldedBackbone:
         live = dict(backbone.named_modules())
         kept = dict(self.module.named_modules())
         norms = {name for name, m in live.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-        self.folds = [(layer, name) for name in norms - set(kept) for layer in self._fed_by(name)]
+        import torch.fx as fx
+
+        nodes = fx.symbolic_trace(backbone).graph.nodes  # which layer feeds each folded norm
+        self.folds = [(node.args[0].target, node.target) for node in nodes
+                      if node.op == "call_module" and node.target in norms - set(kept)]
         folded = {layer for layer, _ in self.folds}
         self.copies = [(kept[name], live[name]) for name in kept
                        if name and name in live and name not in folded and _own_state(live[name])]
         self.refresh()
-
-    def _fed_by(self, norm: str) -> list[str]:
-        import torch.fx as fx
-
-        graph = fx.symbolic_trace(self.live).graph
-        return [node.args[0].target for node in graph.nodes if node.op == "call_module" and node.target == norm]
 
     @torch.no_grad()
     def refresh(self) -> nn.Module:
