@@ -343,7 +343,12 @@ def test_two_process_gloo_ddp_completes_and_logs_once(toy, tmp_path):
     row = last_row(tmp_path / "d" / "toy")
     assert int(row["step"]) == 2 * 4  # 64 items / (8 per batch * 2 ranks) per epoch
     assert 0 <= float(row["test/where/accuracy"]) <= 1 and 0 <= float(row["val/where/accuracy"]) <= 1
-    ranks = [json.loads(x[len("TOY_LOADS "):]) for x in out.stderr.splitlines() if x.startswith("TOY_LOADS ")]
+    # each rank writes its line in one call, but two ranks' lines may share a line of stderr: decode in place
+    decoder, ranks, at = json.JSONDecoder(), [], out.stderr.find("TOY_LOADS ")
+    while at >= 0:
+        loads, end = decoder.raw_decode(out.stderr, at + len("TOY_LOADS "))
+        ranks.append(loads)
+        at = out.stderr.find("TOY_LOADS ", end)
     assert sorted(ranks[0]["test_eval"] + ranks[1]["test_eval"]) == list(range(32))  # sharded, each item once
     held = set(json.loads((tmp_path / "d" / "toy" / "validation.json").read_text())["indices"])
     assert all(held.isdisjoint(r["train"]) for r in ranks)  # both ranks hold out the same items
