@@ -5,7 +5,10 @@
     python -m hrsel.demo configs/demo.yaml --skip-train   # reuse the trained run
     python -m hrsel.demo configs/demo.yaml train.epochs=2 # overrides as for hrsel.train
 
-1. Trains as `python -m hrsel.train CONFIG` does (a finished run of the same config is reused;
+0. Warm-starts the patch encoder on single digits of the train pool when the config names a
+   model.backbone_options.weights_path that does not exist yet (`hrsel.engine.warm_start`; the
+   papers train from scratch, which takes far longer than a demo). 1. Trains as
+   `python -m hrsel.train CONFIG` does (a finished run of the same config is reused;
    `--overwrite` trains it again). 2. Writes one side x side Megapixel MNIST canvas (5 digits
    and IPS's noise density) as a tiled TIFF into the data folder, once. 3. Classifies it and one
    test image of the training size with the trained model, each in a fresh process so that each
@@ -31,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-side", type=int, default=20000, help="side of the big canvas in pixels (20000)")
     p.add_argument("--skip-train", action="store_true", help="use the run folder's trained model as it is")
     p.add_argument("--overwrite", action="store_true", help="train again over a finished run (hrsel.train's flag)")
+    p.add_argument("--warm-steps", type=int, default=300,
+                   help="steps of the patch encoder's warm start on single digits, when the config's "
+                        "model.backbone_options.weights_path does not exist yet (300)")
     p.add_argument("--classify", nargs=3, metavar=("RUN", "IMAGE", "OUT"), help=argparse.SUPPRESS)  # worker mode
     return p.parse_intermixed_args(argv)
 
@@ -72,12 +78,27 @@ def demo_command(args: argparse.Namespace) -> int:
     else:
         from hrsel import train
 
+        warm_start_if_missing(cfg, steps=args.warm_steps)
         status = train.train_command(train.parse_args([config, *overrides] + ["--overwrite"] * args.overwrite))
         if status:
             return status
     print_curve(run_dir)
     show_big_canvas(cfg, run_dir, side=args.big_side)
     return 0
+
+
+def warm_start_if_missing(cfg: Any, *, steps: int) -> None:
+    """Build the patch encoder's warm start the config names (model.backbone_options.weights_path) if absent."""
+    from hrsel.engine.warm_start import ensure_warm_start, warm_start_path
+
+    path = warm_start_path(cfg)
+    if path is None or path.is_file():
+        return
+    print(f"warm start: the patch encoder learns to name single digits of the train pool ({steps} steps)",
+          flush=True)
+    report = ensure_warm_start(cfg, steps=steps, progress=True)
+    print(f"warm start: {report['test_patch_accuracy']:.1%} of {report['test_patches']} patches of held-out "
+          f"digits named right after {report['seconds']:.0f} s -> {path}", flush=True)
 
 
 CURVE_TASKS = (("majority", "majority/accuracy"), ("max", "max/accuracy"), ("top", "top/accuracy"),

@@ -104,6 +104,22 @@ def tiny_overrides(cfg: Config, root: Path) -> list[str]:
     return out
 
 
+def warm_start_override(cfg: Config, folder: Path) -> list[str]:
+    """A config whose backbone starts from a warm start (configs/demo.yaml, built by hrsel.demo): a
+    2-step one of the same network written here, and the override that points the config at it."""
+    from hrsel.data.digits import rendered_pools
+    from hrsel.engine.warm_start import warm_start_digits
+
+    model = cfg.model.options
+    if not (model.get("backbone_options") or {}).get("weights_path"):
+        return []
+    path = folder / "warm_start.pt"
+    warm_start_digits(path, backbone=model["backbone"], backbone_options=model["backbone_options"],
+                      in_chans=model.get("in_chans", 1), patch_size=28, steps=2, batch_size=4,
+                      digits=rendered_pools(train_per_class=2, test_per_class=1))
+    return [f"model.backbone_options.weights_path={path}"]
+
+
 def test_configs_are_found():
     assert CONFIGS, f"no configs in {REPO / 'configs'}"
 
@@ -114,7 +130,8 @@ def test_config_trains_one_step_and_evaluates(config, data_root, tmp_path, capsy
     assert cfg.data.name in TINY, f"{config.name}: no tiny writer for data set {cfg.data.name!r} in TINY"
     assert cfg.eval.metric, f"{config.name}: name the paper's metric in eval.metric"
     overrides = tiny_overrides(cfg, data_root(cfg.data.name))
-    code = main([str(config), *overrides, f"--output-dir={tmp_path}", "--device=cpu"])
+    warm = warm_start_override(cfg, tmp_path)
+    code = main([str(config), *overrides, *warm, f"--output-dir={tmp_path}", "--device=cpu"])
     err = capsys.readouterr().err
     assert code == 0, f"{config.name} with {overrides} exited {code}:\n{err[-3000:]}"
 
@@ -126,5 +143,9 @@ def test_config_trains_one_step_and_evaluates(config, data_root, tmp_path, capsy
     assert math.isfinite(float(row[f"test/{cfg.eval.metric}"])), row
     ran = load_config(run / "config.yaml")
     changed = {k for k in cfg.model.options if ran.model.options.get(k) != cfg.model.options[k]}
+    if warm:  # the warm start's file, nothing else of the backbone
+        changed.discard("backbone_options")
+        ran.model.options["backbone_options"]["weights_path"] = cfg.model.options["backbone_options"]["weights_path"]
+        assert ran.model.options["backbone_options"] == cfg.model.options["backbone_options"]
     assert changed <= SHRUNK_MODEL_KEYS and ran.model.name == cfg.model.name, changed
     shutil.rmtree(run)  # checkpoints of the full-size models: ~300 MB a config, 7 GB a session otherwise

@@ -87,7 +87,8 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     cfg["data"]["generate"].update(width=128, height=128, n_train=8, n_test=4, n_noise=1, digits="mnist",
                                    mnist_dir=str(idx))
     cfg["model"].update(patch_size=32, stride=32, num_selected=2, chunk_size=16, pos_encoding="none",
-                        backbone_options={"width": 8, "strides": [2, 2, 2, 2], "blocks": [1, 1, 1, 1]})
+                        backbone_options={"width": 8, "strides": [2, 2, 2, 2], "blocks": [1, 1, 1, 1],
+                                          "weights_path": str(tmp_path / "warm" / "enc.pt")})
     cfg["train"].update(epochs=1, eval_every=1, progress_bar=False)
     cfg["eval"]["pictures"] = 1
     path = tmp_path / "demo.yaml"
@@ -100,9 +101,13 @@ def test_demo_trains_then_classifies_a_big_canvas(tmp_path, capsys, monkeypatch)
 
     config = tiny_demo_config(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert main([str(config), "--big-side", "1000"]) == 0
+    assert main([str(config), "--big-side", "1000", "--warm-steps", "3"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "demo"
+    warm = tmp_path / "warm" / "enc.pt"
+    assert "patches of held-out digits named right after" in out and str(warm) in out
+    assert json.loads((tmp_path / "warm" / "enc.pt.json").read_text())["steps"] == 3
+    assert warm.is_file() and out.index("warm start:") < out.index("test majority/accuracy:")
     assert "test majority/accuracy:" in out  # hrsel.train's own report
     canvas = tmp_path / "mnist" / "big_canvas_1000.tif"
     assert canvas.is_file() and f"big canvas: {canvas} (1000x1000 px" in out
@@ -134,7 +139,16 @@ def test_demo_trains_then_classifies_a_big_canvas(tmp_path, capsys, monkeypatch)
     assert main([str(config), "--big-side", "1000"]) == 0
     again = capsys.readouterr().out
     assert "holds a finished run of this config: reusing it" in again and "; reused)" in again
-    assert "test majority/accuracy:" not in again
+    assert "test majority/accuracy:" not in again and "warm start:" not in again
+
+
+def test_demo_config_warm_starts_outside_the_data_folder():
+    """The generator refuses a data folder holding files it did not write: the warm start lives beside it."""
+    from hrsel.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"))
+    weights = Path(cfg.model.options["backbone_options"]["weights_path"])
+    assert Path(cfg.data.root) not in weights.parents and weights.suffix == ".pt"
 
 
 def test_demo_rejects_a_config_of_another_data_set(tmp_path, capsys):

@@ -71,6 +71,19 @@ def load_digit_pools(*, digits: str = "mnist", mnist_dir: str | os.PathLike | No
     )
 
 
+def generator_pools(*, digits: str = "mnist", mnist_dir: str | os.PathLike | None = None,
+                    download: bool = False) -> DigitPools:
+    """The pools a generator draws from: `load_digit_pools`, or digits rendered from a font (with a
+    warning) when no MNIST is found and none was asked for by folder. Raises DataError otherwise."""
+    try:
+        return load_digit_pools(digits=digits, mnist_dir=mnist_dir, download=download, progress=False)
+    except DataError as e:
+        if mnist_dir is not None or digits != "mnist":
+            raise
+        log.warning("no MNIST digits (%s); falling back to digits rendered from a font", e)
+        return load_digit_pools(digits="rendered")
+
+
 def check_digits(digits: str) -> None:
     if digits not in DIGIT_SOURCES:
         raise DataError(f"unknown digits source {digits!r}; valid: {', '.join(DIGIT_SOURCES)} (--digits)")

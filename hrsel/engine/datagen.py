@@ -5,12 +5,9 @@ sets are left to their tools; a missing folder of theirs is a config error.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 from hrsel.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 
 def generate_megapixel_mnist(root: str, *, width: int = 1500, height: int = 1500, n_train: int = 5000,
@@ -26,7 +23,7 @@ def generate_megapixel_mnist(root: str, *, width: int = 1500, height: int = 1500
     """
     from pathlib import Path
 
-    from hrsel.data.digits import check_digits, load_digit_pools
+    from hrsel.data.digits import check_digits, generator_pools
     from hrsel.data.megapixel_mnist_gen import MegapixelParameters, check_parameters
     from hrsel.data.megapixel_mnist_gen import generate_megapixel_mnist as generate
 
@@ -38,12 +35,9 @@ def generate_megapixel_mnist(root: str, *, width: int = 1500, height: int = 1500
     except DataError as e:
         raise ConfigError(f"data.generate: {e}") from e
     try:
-        pools = load_digit_pools(digits=digits, mnist_dir=mnist_dir, download=download, progress=False)
+        pools = generator_pools(digits=digits, mnist_dir=mnist_dir, download=download)
     except DataError as e:
-        if mnist_dir is not None or digits != "mnist":
-            raise ConfigError(f"data.generate.mnist_dir: {e}") from e
-        log.warning("no MNIST digits (%s); falling back to digits rendered from a font", e)
-        pools = load_digit_pools(digits="rendered")
+        raise ConfigError(f"data.generate.mnist_dir: {e}") from e
     finished = (Path(root) / "parameters.json").is_file()
     generate(root, pools, params=params, workers=workers, progress=False, overwrite=not finished)
     return pools.note

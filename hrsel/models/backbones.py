@@ -87,10 +87,11 @@ class NarrowResNet(nn.Module):
         strides: stride of each of the four stages.
         blocks: basic blocks per stage.
         stem_stride: stride of the first 3x3 conv (1 in ATS; larger makes a cheap feature net).
+        weights_path: a state dict of this same layout (e.g. from `hrsel.engine.warm_start`), loaded strictly.
     """
 
     def __init__(self, *, in_chans: int = 3, width: int = 32, strides: tuple[int, ...] = (1, 2, 2, 2),
-                 blocks: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 1):
+                 blocks: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 1, weights_path: str | None = None):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_chans, width, 3, stem_stride, 1, bias=False),
                                    nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
@@ -104,6 +105,9 @@ class NarrowResNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out_dim = width
         self.in_chans = in_chans
+        if weights_path is not None:
+            load_strict(self, read_state_dict(weights_path), path=weights_path)
+            logger.info("loaded narrow_resnet weights from %s", weights_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))  # (n, D)
