@@ -102,12 +102,20 @@ class Task:
     overrides: tuple[str, ...] = ()  # added to every run
     data: dict[str, Any] = field(default_factory=dict)  # billiard: BilliardParameters to generate the data with
     note: str = ""
+    suffix: str = ""  # of the run folders, where another task trains the same configs
 
 
+WARM_KEY = "model.backbone_options.weights_path"
+WARM_MNIST_S = "data/warm_start/mnist_s_narrow_resnet16_patch50.pt"  # hrsel.engine.warm_start, seed of the first run
 BILLIARD_S = {"size": 500, "n_train": 4000, "n_valid": 500, "n_test": 1000}
 TASKS: dict[str, Task] = {
     "mnist-s-ips": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy",
                         note="IPS, Megapixel MNIST 500x500, N = 100, M = 10; max/top/multi-exact reported"),
+    "mnist-s-ips-warm": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy",
+                             overrides=(f"{WARM_KEY}={WARM_MNIST_S}",), suffix="_warm",
+                             note="mnist-s-ips with the patch encoder warm-started on single train-pool digits "
+                                  "(hrsel.engine.warm_start, 300 steps, built before the clock starts); IPS "
+                                  "trains it from scratch"),
     "mnist-s-dps": Task(("mnist_s_dps",), at_least(0.85), "majority/accuracy",
                         note="DPS perturbed top-K, sigma decayed, same data"),
     "mnist-s-dps-candidates": Task(("mnist_s_dps_candidates",), at_least(0.85), "majority/accuracy",
@@ -132,6 +140,7 @@ DRY_DATA = {"megapixel_mnist": ("data.generate.n_train=8", "data.generate.n_test
 DRY_BILLIARD = {"size": DRY_SIDE, "n_train": 8, "n_valid": 2, "n_test": 2}
 DRY_COMMON = ("data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=0", "train.epochs=2",
               "train.eval_every=1", "eval.pictures=0")
+DRY_WARM_STEPS = 3
 DRY_MODEL = {"num_samples": 20}  # model option -> value, where the config has the option
 
 
@@ -165,6 +174,7 @@ class RunPlan:
     overrides: list[str]
     run_dir: Path
     billiard: dict[str, Any] | None = None
+    warm_steps: int = 300  # of a warm start the config names and nobody built yet
 
     @property
     def experiment(self) -> str:
@@ -192,9 +202,12 @@ def plan_runs(name: str, task: Task, *, seeds: list[int] | None, runs_dir: Path,
             overrides += [f"model.{k}={v}" for k, v in DRY_MODEL.items() if k in cfg.model.options]
             overrides += dry_positions(cfg)
             billiard = dict(DRY_BILLIARD) if billiard is not None else None
+            overrides = [f"{WARM_KEY}={dry_root / 'warm_start.pt'}" if o.startswith(WARM_KEY + "=") else o
+                         for o in overrides]
         overrides += list(extra)  # --set: last, so they win
         for seed in seeds if seeds is not None else (task.seeds[:1] if dry_run else task.seeds):
-            plans.append(RunPlan(name, config, seed, overrides, runs_dir / f"{config}_s{seed}", billiard))
+            plans.append(RunPlan(name, config, seed, overrides, runs_dir / f"{config}{task.suffix}_s{seed}", billiard,
+                                 warm_steps=DRY_WARM_STEPS if dry_run else 300))
     return plans
 
 
@@ -213,11 +226,29 @@ def prepare_data(plan: RunPlan) -> str:
         generate_billiard(root, params=BilliardParameters(**(plan.billiard or {})), workers=min(2, os.cpu_count() or 1),
                           progress=False)
         return f"billiard data generated into {root} ({plan.billiard})"
+    note = f"{cfg.data.name} data in {root}"
     if cfg.data.generate_if_missing and needs_generation(cfg.data.name, root):
         workers = min(2, os.cpu_count() or 1)
-        note = generate_dataset(cfg.data.name, root=root, **{**cfg.data.generate, "workers": workers})
-        return f"{cfg.data.name} generated into {root}: {note}"
-    return f"{cfg.data.name} data in {root}"
+        note = f"{cfg.data.name} generated into {root}: " + generate_dataset(
+            cfg.data.name, root=root, **{**cfg.data.generate, "workers": workers})
+    return note + warm_start_note(cfg, steps=plan.warm_steps)
+
+
+def warm_start_note(cfg, *, steps: int) -> str:
+    """Build the warm start the run's config names if it is missing (hrsel.engine.warm_start); a note on it."""
+    from hrsel.engine.warm_start import ensure_warm_start, sidecar, warm_start_path
+
+    path = warm_start_path(cfg)
+    if path is None:
+        return ""
+    if not path.is_absolute():
+        path = REPO / path
+        cfg.model.options["backbone_options"]["weights_path"] = str(path)
+    built = ensure_warm_start(cfg, steps=steps)
+    report = built or json.loads(sidecar(path).read_text())
+    return (f"; patch encoder warm-started from {_in_repo(str(path))} ({'built' if built else 'reused'}: "
+            f"{report['steps']} steps in {report['seconds']:.0f} s, {report['test_patch_accuracy']:.1%} of held-out "
+            f"digit patches named right)")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -51,15 +51,22 @@ def check_runs(entry: dict, metric: str, configs: list[str]) -> None:
 def test_dry_run_mnist_and_billiard_write_json_and_png(tmp_path, single_thread, capsys):
     out = tmp_path / "learning.json"
     out.write_text(json.dumps({"earlier-task": {"task": "earlier-task", "runs": []}}))  # kept by the merge
-    code = learning.main(["--task", "mnist-s-ips", "--dry-run", "--json", str(out), "--poll", "0.2",
-                          "--runs-dir", str(tmp_path / "runs")])
+    code = learning.main(["--task", "mnist-s-ips", "mnist-s-ips-warm", "--dry-run", "--json", str(out),
+                          "--poll", "0.2", "--runs-dir", str(tmp_path / "runs")])
     assert code == 0, capsys.readouterr().err[-3000:]
     code = learning.main(["--task", "billiard-s", "--dry-run", "--json", str(out), "--poll", "0.2", "--seeds", "1",
                           "--runs-dir", str(tmp_path / "runs"), "--plot"])
     assert code == 0, capsys.readouterr().err[-3000:]
 
     data = json.loads(out.read_text())
-    assert set(data) == {"earlier-task", "mnist-s-ips", "billiard-s"}
+    assert set(data) == {"earlier-task", "mnist-s-ips", "mnist-s-ips-warm", "billiard-s"}
+    warm = data["mnist-s-ips-warm"]  # the same config from a warm-started encoder, in its own run folder
+    check_runs(warm, "majority/accuracy", ["mnist_s_ips"])
+    assert warm["runs"][0]["run_dir"].endswith("mnist_s_ips_warm_s0")
+    assert "patch encoder warm-started from" in warm["runs"][0]["data"] and "(built: 3 steps" in warm["runs"][0]["data"]
+    weights = next(a for a in warm["runs"][0]["command"].split() if a.startswith(learning.WARM_KEY + "="))
+    weights = Path(weights.split("=", 1)[1])  # built in the dry run's folder, not the repository's data/
+    assert weights.is_absolute() and REPO not in weights.parents and weights.name == "warm_start.pt", weights
     ips = data["mnist-s-ips"]
     check_runs(ips, "majority/accuracy", ["mnist_s_ips"])
     assert {"max/accuracy", "top/accuracy", "multi/exact_match"} <= set(ips["runs"][0]["test"])
