@@ -77,9 +77,14 @@ def demo_command(args: argparse.Namespace) -> int:
         print(f"{run_dir} holds a finished run of this config: reusing it (--overwrite trains it again)")
     else:
         from hrsel import train
+        from hrsel.engine.rundir import previous_results
 
+        replace = args.overwrite or bool(previous_results(run_dir))
+        if replace and not args.overwrite:  # e.g. the demo of an earlier hrsel: kept beside, never deleted
+            print(f"{run_dir} holds an unfinished run or a run of another config: it moves to "
+                  f"{run_dir.name}.replaced-<time>/ beside it and the demo trains again", flush=True)
         warm_start_if_missing(cfg, steps=args.warm_steps)
-        status = train.train_command(train.parse_args([config, *overrides] + ["--overwrite"] * args.overwrite))
+        status = train.train_command(train.parse_args([config, *overrides] + ["--overwrite"] * replace))
         if status:
             return status
     print_curve(run_dir)

@@ -141,6 +141,16 @@ def test_demo_trains_then_classifies_a_big_canvas(tmp_path, capsys, monkeypatch)
     assert "holds a finished run of this config: reusing it" in again and "; reused)" in again
     assert "test majority/accuracy:" not in again and "warm start:" not in again
 
+    # the run of another config (an earlier hrsel's demo) is moved aside, not deleted, and the demo trains again
+    monkeypatch.undo()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(hrsel.demo, "show_big_canvas", lambda cfg, run_dir, side: None)
+    assert main([str(config), "optim.lr=0.003"]) == 0
+    third = capsys.readouterr().out
+    assert "holds an unfinished run or a run of another config" in third and "test majority/accuracy:" in third
+    moved = list(run.parent.glob("demo.replaced-*"))
+    assert len(moved) == 1 and (moved[0] / "best.pt").is_file() and (run / "best.pt").is_file()
+
 
 def test_demo_config_warm_starts_outside_the_data_folder():
     """The generator refuses a data folder holding files it did not write: the warm start lives beside it."""
