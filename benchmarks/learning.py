@@ -241,11 +241,13 @@ def warm_start_note(cfg, *, steps: int) -> str:
     path = warm_start_path(cfg)
     if path is None:
         return ""
-    if not path.is_absolute():
+    if not path.is_absolute():  # the trainer runs in REPO; build the file where it will look
         path = REPO / path
         cfg.model.options["backbone_options"]["weights_path"] = str(path)
     built = ensure_warm_start(cfg, steps=steps)
-    report = built or json.loads(sidecar(path).read_text())
+    report = built or (json.loads(sidecar(path).read_text()) if sidecar(path).is_file() else None)
+    if report is None:
+        return f"; patch encoder warm-started from {_in_repo(str(path))} (reused, no report beside it)"
     return (f"; patch encoder warm-started from {_in_repo(str(path))} ({'built' if built else 'reused'}: "
             f"{report['steps']} steps in {report['seconds']:.0f} s, {report['test_patch_accuracy']:.1%} of held-out "
             f"digit patches named right)")

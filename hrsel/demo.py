@@ -6,8 +6,8 @@
     python -m hrsel.demo configs/demo.yaml train.epochs=2 # overrides as for hrsel.train
 
 0. Warm-starts the patch encoder on single digits of the train pool when the config names a
-   model.backbone_options.weights_path that does not exist yet (`hrsel.engine.warm_start`; the
-   papers train from scratch, which takes far longer than a demo). 1. Trains as
+   model.backbone_options.weights_path that does not exist yet (`hrsel.engine.warm_start`; IPS
+   trains it from scratch, which takes far longer than a demo). 1. Trains as
    `python -m hrsel.train CONFIG` does (a finished run of the same config is reused;
    `--overwrite` trains it again). 2. Writes one side x side Megapixel MNIST canvas (5 digits
    and IPS's noise density) as a tiled TIFF into the data folder, once. 3. Classifies it and one

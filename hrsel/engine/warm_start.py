@@ -7,8 +7,8 @@
 The encoder plus a linear head learn to name the digit in a patch (or "none", `NO_DIGIT`) from
 patches cut around digits of the generator's *train* pool (`hrsel.data.digit_patches`); the head
 is dropped and the encoder's state dict written where a backbone's `weights_path` reads it. This
-plays the part ImageNet weights play for slides: the IPS and DPS papers train their MNIST encoders
-from scratch, so a config that uses it says so. Accuracy is reported on patches of the *test* pool,
+plays the part ImageNet weights play for slides: IPS trains its Megapixel MNIST encoder from scratch
+(`pretrained: False` in its MNIST config, also for its DPS comparison), so a config that uses it says so. Accuracy is reported on patches of the *test* pool,
 which no training step sees. A JSON beside the weights (`<path>.json`) records what was done.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ from hrsel.data.digits import DigitPools
 from hrsel.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+TEST_PATCHES = 2000  # patches of held-out test-pool digits the report's accuracy is measured on
 
 
 def warm_start_digits(path: str | os.PathLike, *, backbone: str, backbone_options: dict[str, Any] | None = None,
@@ -62,21 +64,23 @@ def warm_start_digits(path: str | os.PathLike, *, backbone: str, backbone_option
         torch.manual_seed(seed)
         encoder = build_backbone(backbone, in_chans=in_chans, **options)
         start = time.perf_counter()
-        head, losses = fit_digit_head(encoder, lambda: digit_patches(rng, train_images, train_labels, noise,
-                                                               patch_size=patch_size, n=batch_size),
-                                steps=steps, lr=lr, progress=progress)
+        def batch() -> tuple[np.ndarray, np.ndarray]:
+            return digit_patches(rng, train_images, train_labels, noise, patch_size=patch_size, n=batch_size)
+
+        head, losses = fit_digit_head(encoder, batch, steps=steps, lr=lr, progress=progress)
         seconds = time.perf_counter() - start
         test_images, test_labels = pools.split("test")
-        accuracy = digit_accuracy(encoder, head, *digit_patches(np.random.default_rng(seed + 1), test_images, test_labels,
-                                                          noise, patch_size=patch_size, n=2000))
+        held_out = digit_patches(np.random.default_rng(seed + 1), test_images, test_labels, noise,
+                                 patch_size=patch_size, n=TEST_PATCHES)
+        accuracy = digit_accuracy(encoder, head, *held_out)
     report = {"backbone": backbone, "backbone_options": options, "patch_size": patch_size, "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "digits": pools.source, "digits_note": pools.note,
               "train_digits": len(train_labels), "seconds": round(seconds, 1),
               "first_loss": round(losses[0], 4), "last_loss": round(float(np.mean(losses[-20:])), 4),
-              "test_patch_accuracy": round(accuracy, 4), "test_patches": 2000}
+              "test_patch_accuracy": round(accuracy, 4), "test_patches": TEST_PATCHES}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(sidecar(path), lambda f: f.write(json.dumps(report, indent=1)), text=True)
     atomic_save(encoder.state_dict(), path)
+    atomic_write(sidecar(path), lambda f: f.write(json.dumps(report, indent=1)), text=True)
     log.info("warm start: %s on %d digit patches of %d px in %.0f s, %.1f%% right on held-out digits -> %s",
              backbone, steps * batch_size, patch_size, seconds, 100 * accuracy, path)
     return report
