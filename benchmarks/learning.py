@@ -272,6 +272,27 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+class FreshRows:
+    """The rows of this run's metrics.csv: a file an earlier run left in the folder (the trainer's --overwrite
+    moves it aside once it starts) is not read, or its rows would be stamped as this run's first minutes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.stale = path, _identity(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        if self.stale is not None and _identity(self.path) == self.stale:
+            return []
+        return read_rows(self.path)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class RowClock:
     """Stamps each new metrics.csv row with minutes since the run started.
 
@@ -311,7 +332,7 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
                               "run_dir": _in_repo(str(plan.run_dir)), "log": _in_repo(str(log_path)),
                               "date": _now(), "data": _in_repo(prepare_data(plan)),
                               "limit_minutes": None if limit_minutes is None else round(limit_minutes, 2)}
-    clock = RowClock()
+    clock, metrics = RowClock(), FreshRows(plan.run_dir / "metrics.csv")
     started = time.monotonic()
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -320,7 +341,7 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
             while child.poll() is None:
                 time.sleep(poll_s)
                 minutes = (time.monotonic() - started) / 60.0
-                clock.observe(read_rows(plan.run_dir / "metrics.csv"), minutes)
+                clock.observe(metrics.read(), minutes)
                 if limit_minutes is not None and minutes > limit_minutes and status == "finished":
                     status = "time_limit"
                     child.send_signal(signal.SIGINT)  # the trainer saves last.pt and stops between batches
@@ -333,7 +354,7 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
             child.wait()
             status = "interrupted"
     minutes = (time.monotonic() - started) / 60.0
-    rows = clock.stamped(read_rows(plan.run_dir / "metrics.csv"), minutes)
+    rows = clock.stamped(metrics.read(), minutes)
     record.update(status=status, returncode=child.returncode, minutes=round(minutes, 3), rows=rows,
                   steps=rows[-1]["step"] if rows else 0)
     if status == "finished" and child.returncode != 0:

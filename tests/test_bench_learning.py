@@ -132,3 +132,18 @@ def test_every_task_config_exists_and_bad_arguments_exit_2(tmp_path, capsys):
     assert learning.main(["--plot", "--json", str(tmp_path / "missing.json")]) == 2
     assert learning.main(["--task", "mnist-s-ips", "--set", "optim.lr"]) == 2
     assert not math.isnan(learning.TASKS["mnist-s-ips"].target.line)
+
+
+def test_fresh_rows_skip_the_metrics_an_earlier_run_left(tmp_path):
+    # --overwrite: the old metrics.csv stays until the trainer moves its folder aside; its rows are not this run's
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("epoch,step,epoch_s\n1,10,60\n2,20,60\n3,30,60\n")
+    rows = learning.FreshRows(run_dir / "metrics.csv")
+    assert rows.read() == []
+    run_dir.rename(tmp_path / "run.replaced-1")  # what the trainer does, then it writes its own file
+    run_dir.mkdir()
+    assert rows.read() == []
+    (run_dir / "metrics.csv").write_text("epoch,step,epoch_s\n1,10,55\n")
+    assert rows.read() == [{"epoch": 1.0, "step": 10.0, "epoch_s": 55.0}]
+    assert learning.FreshRows(tmp_path / "none" / "metrics.csv").read() == []
