@@ -147,3 +147,17 @@ def test_fresh_rows_skip_the_metrics_an_earlier_run_left(tmp_path):
     (run_dir / "metrics.csv").write_text("epoch,step,epoch_s\n1,10,55\n")
     assert rows.read() == [{"epoch": 1.0, "step": 10.0, "epoch_s": 55.0}]
     assert learning.FreshRows(tmp_path / "none" / "metrics.csv").read() == []
+
+
+def test_billiard_warm_task_builds_its_ball_warm_start_from_the_runs_data(tmp_path, single_thread):
+    task = learning.TASKS["billiard-s-warm"]
+    plans = learning.plan_runs("billiard-s-warm", task, seeds=[1], runs_dir=tmp_path / "runs", dry_run=True,
+                               dry_root=tmp_path / "dry")
+    assert [p.config for p in plans] == list(task.configs) and plans[0].run_dir.name == "billiard_s_transformer_warm_s1"
+    note = learning.prepare_data(plans[0])  # generates the tiny billiard set, then the warm start on it
+    weights = tmp_path / "dry" / "warm_start.pt"
+    assert f"{learning.WARM_KEY}={weights}" in plans[0].command()
+    assert weights.is_file() and "billiard data generated into" in note and "(built: 3 steps" in note, note
+    report = json.loads((tmp_path / "dry" / "warm_start.pt.json").read_text())
+    assert report["billiard_root"] == str(tmp_path / "dry" / "billiard_500") and report["train_images"] == 8
+    assert "(reused:" in learning.prepare_data(plans[1])  # the other configs start from the same file

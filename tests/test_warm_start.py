@@ -121,7 +121,7 @@ def test_warm_start_weights_load_into_the_backbone_and_are_never_overwritten(fon
     assert not (tmp_path / "rgb.pt").exists()
 
 
-def test_ensure_warm_start_builds_only_what_a_megapixel_mnist_config_names(font_pools, tmp_path, monkeypatch):
+def test_ensure_warm_start_builds_what_a_megapixel_mnist_config_names_and_refuses_other_data(font_pools, tmp_path, monkeypatch):
     from hrsel.config import load_config
     from hrsel.engine import warm_start
     from hrsel.errors import ConfigError
@@ -137,8 +137,8 @@ def test_ensure_warm_start_builds_only_what_a_megapixel_mnist_config_names(font_
     assert path.is_file() and report["steps"] == 2 and report["patch_size"] == 50 and report["digits"] == "rendered"
     assert warm_start.ensure_warm_start(cfg, steps=2) is None  # built once, then used as it is
 
-    billiard = load_config(repo / "configs" / "billiard_s_mean.yaml")
-    billiard.model.options.setdefault("backbone_options", {})["weights_path"] = str(tmp_path / "other.pt")
-    with pytest.raises(ConfigError, match="megapixel_mnist config"):
-        warm_start.ensure_warm_start(billiard)
+    traffic = load_config(repo / "configs" / "traffic_dps_k5.yaml")
+    traffic.model.options.setdefault("backbone_options", {})["weights_path"] = str(tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"megapixel_mnist \(digits\) or billiard \(ball numbers\) config"):
+        warm_start.ensure_warm_start(traffic)
     assert not (tmp_path / "other.pt").exists()

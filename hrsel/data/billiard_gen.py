@@ -28,6 +28,7 @@ COLOURS = {"green": (40, 160, 60), "blue": (40, 70, 200), "purple": (120, 50, 16
 FORMAT = "hrsel-billiard/1"
 SPLITS = ("train", "valid", "test")
 MIN_SIZE = 64  # smaller tables cannot hold 8 balls with readable numbers
+DISC = 0.36  # radius of the white number disc, as a share of the ball's radius
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def render(balls: list[dict], size: int, rng: np.random.Generator) -> np.ndarray
         hx, hy = x - 0.45 * r, y - 0.45 * r
         draw.ellipse([hx - 0.15 * r, hy - 0.15 * r, hx + 0.15 * r, hy + 0.15 * r],
                      fill=tuple(int(min(255, c + 90)) for c in base))
-        disc = 0.36 * r
+        disc = DISC * r
         draw.ellipse([x - disc, y - disc, x + disc, y + disc], fill=(245, 245, 240))
         font = ImageFont.load_default(size=max(6, int(0.42 * r)))
         draw.text((x, y), str(ball["number"]), fill=(10, 10, 10), font=font, anchor="mm")
