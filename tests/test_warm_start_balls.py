@@ -75,6 +75,14 @@ def test_billiard_pool_draws_images_with_their_ball_lists(billiard_root):
     assert len(everything) == 8  # at most the split
 
 
+def test_billiard_pool_names_a_release_without_pixel_radii(tmp_path):
+    from fixtures_data import make_billiard
+
+    make_billiard(tmp_path / "release")  # the DPS release's format: 3-D positions, no radius
+    with pytest.raises(DataError, match=r"0\.json: a ball has no 'radius'.*tools/make_billiard.py"):
+        billiard_pool(tmp_path / "release", "train", n_images=2)
+
+
 def test_ball_warm_start_learns_from_ball_patches_across_seeds(billiard_root, tmp_path):
     """A width-8 encoder, 200 steps on 24 small images: held-out accuracy above answering the commonest label
     (no ball), every seed. Reading the ~6 px numbers takes longer (data/billiard_500 at width 32: 1500 steps)."""

@@ -33,8 +33,14 @@ def billiard_pool(root: str | os.PathLike, split: str, *, n_images: int,
     ids = list_samples(folder)
     rng = np.random.default_rng(seed)
     chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=min(n_images, len(ids)), replace=False))]
+    tables = [read_balls(folder / f"{sample_id}.json") for sample_id in chosen]
+    for sample_id, balls in zip(chosen, tables):
+        if any("radius" not in ball for ball in balls):
+            raise DataError(f"{folder / sample_id}.json: a ball has no 'radius'; ball patches need the pixel centres "
+                            f"and radii of hrsel's generator (tools/make_billiard.py), not the DPS release's 3-D "
+                            f"positions. Generate the data set, or drop the warm start")
     images = [load_rgb(folder / f"{sample_id}.png").numpy() for sample_id in chosen]
-    return images, [read_balls(folder / f"{sample_id}.json") for sample_id in chosen]
+    return images, tables
 
 
 def ball_patches(rng: np.random.Generator, images: list[np.ndarray], tables: list[list[dict]], *,
