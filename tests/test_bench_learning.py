@@ -161,3 +161,18 @@ def test_billiard_warm_task_builds_its_ball_warm_start_from_the_runs_data(tmp_pa
     report = json.loads((tmp_path / "dry" / "warm_start.pt.json").read_text())
     assert report["billiard_root"] == str(tmp_path / "dry" / "billiard_500") and report["train_images"] == 8
     assert "(reused:" in learning.prepare_data(plans[1])  # the other configs start from the same file
+
+
+def test_each_task_trains_into_run_folders_of_its_own(tmp_path):
+    # two tasks sharing a folder would refuse (or, with --overwrite, replace) each other's runs
+    owner = {}
+    for name, task in learning.TASKS.items():
+        for plan in learning.plan_runs(name, task, seeds=None, runs_dir=tmp_path, dry_run=False):
+            assert plan.run_dir not in owner, (name, owner.get(plan.run_dir), plan.run_dir.name)
+            owner[plan.run_dir] = name
+    warm = learning.plan_runs("sigma-ablation-warm", learning.TASKS["sigma-ablation-warm"], seeds=None,
+                              runs_dir=tmp_path, dry_run=False)
+    assert len(warm) == 9 and {p.seed for p in warm} == {0, 1, 2}
+    for plan in warm:  # the ablation's short schedule, from the encoder billiard-s-warm uses
+        assert "train.epochs=6" in plan.command() and plan.warm_steps == learning.TASKS["billiard-s-warm"].warm_steps
+        assert f"{learning.WARM_KEY}={learning.WARM_BILLIARD_S}" in plan.command()
