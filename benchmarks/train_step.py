@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -573,17 +572,10 @@ def summarise(results: dict) -> list[dict]:
 
 
 def machine(args) -> dict:
-    info = dict(cpu_count=os.cpu_count(), torch=torch.__version__, threads=args.threads or torch.get_num_threads(),
-                python=platform.python_version(), platform=platform.platform(),
-                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=args.device, quick=args.quick,
-                rounds=args.rounds, repeats=args.repeats, dps_batch=args.dps_batch)
-    if args.device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+    from machine import describe  # benchmarks/machine.py: CPU model, ISA flags, the oneDNN cap in force
+
+    return describe(threads=args.threads or torch.get_num_threads(), device=args.device, quick=args.quick,
+                    rounds=args.rounds, repeats=args.repeats, dps_batch=args.dps_batch)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import torch
 from hrsel.train import main
 
 from fixtures_data import write_mnist_idx
+from isa_caps import ISA_CAPS, capped_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CNN = "{width: 8, strides: [2, 2, 2, 2], blocks: [1, 1, 1, 1]}"
@@ -78,6 +79,34 @@ def test_tiny_run_of_each_pipeline(name, tiny_mnist, tmp_path, capsys):
     assert state["train_state"]["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
                                                      if v.is_floating_point())
     assert "test majority/accuracy:" in out.out
+
+
+EACH_PIPELINE = """
+import json, sys
+from hrsel.train import main
+for name, args in json.loads(sys.argv[1]).items():
+    print("training", name, flush=True)
+    code = main(args)
+    print(name, "exited", code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("cap", ISA_CAPS)
+def test_a_training_step_of_each_pipeline_survives_every_isa_cap(cap, tiny_mnist, tmp_path):
+    """A crash inside oneDNN (as oneDNN#6035 on AVX-512) fails this test, not the whole suite."""
+    runs = {}
+    for name, overrides in PIPELINES.items():
+        (tmp_path / name).mkdir()
+        runs[name] = [str(base_config(tmp_path / name, tiny_mnist, name)), *overrides, "train.max_steps=1",
+                      "eval.pictures=0", f"--output-dir={tmp_path / name}"]
+    try:
+        done = subprocess.run([sys.executable, "-c", EACH_PIPELINE, json.dumps(runs)], capture_output=True, text=True,
+                              env=capped_env(cap), timeout=300, cwd=REPO)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"ONEDNN_MAX_CPU_ISA={cap}: hung; it printed {hung.stdout!r}")
+    exits = [line for line in done.stdout.splitlines() if " exited " in line]
+    assert done.returncode == 0 and exits == [f"{name} exited 0" for name in PIPELINES], (
+        f"ONEDNN_MAX_CPU_ISA={cap}: exit status {done.returncode} after\n{done.stdout}{done.stderr[-2000:]}")
 
 
 def test_k_larger_than_the_patch_grid_exits_2(tiny_mnist, tmp_path, capsys):

@@ -17,6 +17,11 @@ with and without each):
   from the live weights before each no-grad pass): one pass over the activations less per layer
   (CPU, ResNet18 to layer2: 1.2x faster scoring).
 - cudnn.benchmark: patch shapes are fixed, so autotuning pays after the first step.
+
+One change is for safety, not speed: on an x86 CPU, strided 1x1 convolutions with few input
+channels run as subsample + stride 1 (`hrsel.models.onednn`), around a oneDNN bug that corrupts
+the heap in their backward pass. It applies whatever `channels_last` says: streamed patches
+arrive in channels_last, and a convolution follows its input's layout too.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from hrsel.errors import ConfigError
+from hrsel.models.onednn import UPSTREAM_ISSUE, needs_route_around, route_around_strided_pointwise
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +40,17 @@ CPU_SCORE_BATCH = 64  # patches per encoder call in the no-grad pass on a CPU ("
 
 
 def prepare_for_device(model: nn.Module, device: torch.device | str, *, channels_last: bool = True) -> nn.Module:
-    """Move `model` to `device`, its convolutions to channels_last; turn on cuDNN autotuning on CUDA."""
+    """Move `model` to `device`, its convolutions to channels_last; turn on cuDNN autotuning on CUDA.
+
+    On an x86 CPU, also route the convolutions that oneDNN#6035 corrupts around it (module docstring).
+    """
     device = torch.device(device)
     model = model.to(device)
+    if needs_route_around(device):
+        changed = route_around_strided_pointwise(model)
+        if changed:
+            log.debug("%d strided 1x1 convolutions run as subsample + stride 1 (%s): %s", len(changed),
+                      UPSTREAM_ISSUE, ", ".join(changed))
     if channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)  # 4-D parameters only; the rest is unchanged
     if device.type == "cuda":
