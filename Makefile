@@ -15,6 +15,10 @@ endif
 # `make bench` writes into the git-ignored benchmarks/results/local/; to replace a committed
 # figure, ask for it: `make bench BENCH_JSON=benchmarks/results/topk_op_cpu.json`.
 BENCH_JSON ?= benchmarks/results/local/topk_op_cpu.json
+# Test processes (pytest-xdist): one per core of the 2-core CI machine; each test file stays in one
+# process, so a module's trained toy models and data fixtures are made once. `make test TEST_WORKERS=0`
+# runs the suite in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-zarr2 install bench clean
 
@@ -22,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m hrsel.demo configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The readers' zarr 2 / pre-2025.5.21 tifffile code paths, with those releases laid over the
 # venv's (needs the package registry once). CI runs `test` only: it has no network.

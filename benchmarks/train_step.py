@@ -396,13 +396,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build(case: str, impl: str, quick: bool, device: str):
+def build(case: str, impl: str, quick: bool, device: str, score_batch: str = "auto"):
     """-> (model, step(images, targets) -> loss, setup, note)."""
     from hrsel.models import build_pipeline
 
     setup = case_setup(case, quick)
     torch.manual_seed(0)
-    hrsel_model = build_pipeline(setup["name"], tasks=setup["tasks"], **setup["options"])
+    extra = {"score_batch": parse_score_batch(score_batch)} if setup["kind"] == "ips" else {}
+    hrsel_model = build_pipeline(setup["name"], tasks=setup["tasks"], **setup["options"], **extra)
     note = ""
     if impl == "plain":
         model = (PlainIPS if setup["kind"] == "ips" else PlainDPS)(setup)
@@ -421,13 +422,18 @@ def build(case: str, impl: str, quick: bool, device: str):
     return model, setup, note
 
 
+def parse_score_batch(value: str) -> int | str | None:
+    """--score-batch: "auto" (hrsel's default), "none" (the whole chunk in one call) or patches per call."""
+    return None if value == "none" else value if value == "auto" else int(value)
+
+
 def worker(case: str, impl: str, args) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = args.device
     bf16 = impl.endswith("_bf16")
     kind = "plain" if impl == "plain" else "hrsel"
-    model, setup, note = build(case, kind, args.quick, device)
+    model, setup, note = build(case, kind, args.quick, device, args.score_batch)
     spec = CASES[case]
     batch = spec["batch"] or args.dps_batch
     if args.quick:
@@ -526,7 +532,8 @@ def profile(case: str, args) -> None:
 # ----------------------------------------------------------------------------- parent
 def run_one(case: str, impl: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, impl, "--device", args.device,
-           "--repeats", str(args.repeats), "--threads", str(args.threads), "--dps-batch", str(args.dps_batch)]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--dps-batch", str(args.dps_batch),
+           "--score-batch", args.score_batch]
     cmd += ["--quick"] if args.quick else []
     row = dict(case=case, impl="plain" if impl == "plain" else "hrsel",
                precision="bf16" if impl.endswith("_bf16") else "fp32", device=args.device)
@@ -575,7 +582,7 @@ def machine(args) -> dict:
     from machine import describe  # benchmarks/machine.py: CPU model, ISA flags, the oneDNN cap in force
 
     return describe(threads=args.threads or torch.get_num_threads(), device=args.device, quick=args.quick,
-                    rounds=args.rounds, repeats=args.repeats, dps_batch=args.dps_batch)
+                    rounds=args.rounds, repeats=args.repeats, dps_batch=args.dps_batch, score_batch=args.score_batch)
 
 
 def main() -> None:
@@ -590,6 +597,8 @@ def main() -> None:
     parser.add_argument("--dps-batch", type=int, default=4, help="batch of the DPS cases")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (N = 16, 2 tasks, batch <= 2): a smoke run")
+    parser.add_argument("--score-batch", default="auto", help="hrsel IPS: patches per encoder call of the no-grad "
+                        "pass: auto (64 on a CPU), none (the whole chunk) or a number")
     parser.add_argument("--skip-plain-above", type=int, default=0,
                         help="no plain run for cases of more than this many patches (0: never skip); the plain "
                         "IPS reads lazy images patch by patch, as the reference's lazy loading does")
