@@ -10,6 +10,7 @@ mtimes, that no lock is left behind and nothing was moved aside.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -463,3 +464,48 @@ def test_ddp_find_unused_parameters_is_decided_from_the_pipeline(detached, decla
     decided = decide_find_unused(cfg, model, data, collate, distributed.DistInfo(0, 2, 0), tasks=TASKS)
     assert decided.train.find_unused_parameters is expected
     assert decide_find_unused(cfg, model, data, collate, distributed.DistInfo(), tasks=TASKS) is cfg  # one process
+
+
+# ----------------------------------------------------------------------------- a checkpoint that runs code
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it opens (creates) `marker`, as os.system would run a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted(path: Path, marker: Path, how: str) -> Path:
+    if how == "torch.save":
+        torch.save({"model": {"classifier.head.weight": _Payload(marker)}}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    return path
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+@pytest.mark.parametrize("load", ["classifier_checkpoint", "policy_checkpoint", "resume"])
+def test_a_checkpoint_holding_code_is_refused_before_anything_runs(tmp_path, how, load):
+    from hrsel.cli import BAD_INPUT
+    from hrsel.engine.checkpoint import load_checkpoint
+    from hrsel.models import build_pipeline
+
+    marker = tmp_path / "pwned"
+    path = _crafted(tmp_path / "best.pt", marker, how)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as err:
+        if load == "resume":
+            load_checkpoint(path)
+        else:
+            build_pipeline("patchdrop", tasks=TASKS, in_chans=1, backbone="narrow_resnet", patch_size=20,
+                           downscale=2, backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)},
+                           **{load: str(path)})
+    message = str(err.value)
+    assert not marker.exists(), "unpickling ran the payload"
+    assert str(path) in message and "holds Python objects" in message and "truncated" not in message, message
+    assert isinstance(err.value, BAD_INPUT)  # exit status 2 from hrsel.train
+    if load != "resume":
+        assert f"model.{load}" in message
