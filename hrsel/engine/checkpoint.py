@@ -69,11 +69,13 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     atomic_write(dst, lambda f: _copy_into(src, f))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: bool = False,
+                 on_error: Callable[[Path, BaseException], Exception] | None = None) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync, then rename it over `path`.
 
     A failed write (disk full, no permission) leaves `path` as it was, removes the temp
-    file and raises one `RunWriteError` naming the file, the reason and the free space.
+    file and raises one error naming the file, the reason and the free space: `on_error(path,
+    error)`, by default `write_error` (a `RunWriteError` of a run folder).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -86,21 +88,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: 
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _torch_write_failure(e):
             raise
-        raise write_error(path, e) from None
+        raise (on_error or write_error)(path, e) from None
     finally:
         _remove_quietly(tmp)
 
 
-def write_error(path: Path, error: BaseException) -> RunWriteError:
-    """The one error a failed write of a run file raises: what, why, free space, what is kept, the fix."""
+def write_error(path: Path, error: BaseException, *, folder_kind: str = "run folder",
+                elsewhere: str = "move the run to another output_dir", then: str = "continue the run with --resume",
+                cls: type[Exception] = RunWriteError) -> Exception:
+    """The one error a failed write of a run file raises: what, why, free space, what is kept, the fix.
+
+    The keywords word it for another folder (hrsel.predict's --out: `cls` RunFolderError)."""
     folder = path.parent
     reason = _reason(error)
     kept = (f"the previous {path.name} is unchanged" if path.exists()
             else f"no partial {path.name} was left behind")
-    fix = ("free space on that disk (or move the run to another output_dir)" if _no_space(error)
+    fix = (f"free space on that disk (or {elsewhere})" if _no_space(error)
            else "make the folder writable and check the disk")
-    return RunWriteError(f"cannot write {path}: {reason}; {_free_space(folder)} free on the disk of run folder "
-                         f"{folder}; {kept}. {fix.capitalize()}, then continue the run with --resume")
+    return cls(f"cannot write {path}: {reason}; {_free_space(folder)} free on the disk of {folder_kind} "
+               f"{folder}; {kept}. {fix.capitalize()}, then {then}")
 
 
 def _copy_into(src: str | os.PathLike, f: IO) -> None:
