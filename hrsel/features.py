@@ -131,7 +131,7 @@ def manifest_entries(path: str) -> list[ImageEntry]:
         from hrsel.data.manifest_table import read_manifest
     from hrsel.io import open_image
 
-    table = read_manifest(path)
+    table = read_manifest(path, tasks=[])  # the images only: label columns (or notes) are not read
     stems = [Path(row.rel).stem for row in table.rows]
     ids = [s if stems.count(s) == 1 else str(Path(row.rel).with_suffix("")) for s, row in zip(stems, table.rows)]
     return [ImageEntry(i, lambda p=row.path: open_image(str(p)), {}) for i, row in zip(ids, table.rows)]

@@ -11,12 +11,14 @@ after the tasks). Nothing here reads pixels: sources are opened when an item is 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from hrsel.data.csvfile import read_csv_text
 from hrsel.errors import DataError, HrselError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -122,8 +124,7 @@ def read_manifest_inputs(path: Path, tasks: dict[str, Any] | None = None,
     With label columns, `hrsel.data.manifest.read_manifest` reads and checks it (every bad row in one
     DataError); a CSV of paths only is read here (the manifest data set needs labels).
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
+    header = [h.strip() for h in next(csv.reader(io.StringIO(read_csv_text(path), newline="")), [])]
     labelled = [t for t in (tasks or {}) if t in header]
     try:
         from hrsel.data.manifest import read_manifest
@@ -153,18 +154,17 @@ def _table_rows(table: Any):
 
 def _read_csv_manifest(path: Path, *, labelled: list[str]) -> list[PredictInput]:
     """A CSV with a `path` column (relative to the CSV's folder) and optional columns `labelled`."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise DataError(f"manifest {str(path)!r} has no 'path' column (columns: {reader.fieldnames}); "
-                            f"add a header row with 'path' and one column per task")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            value = (row.get("path") or "").strip()
-            if not value:
-                raise DataError(f"manifest {str(path)!r} line {line}: empty 'path'; fill it or delete the row")
-            target = Path(value) if Path(value).is_absolute() else path.parent / value
-            labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
-            items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
-                                      id=(row.get("id") or "").strip() or value))
+    reader = csv.DictReader(io.StringIO(read_csv_text(path), newline=""))
+    if reader.fieldnames is None or "path" not in reader.fieldnames:
+        raise DataError(f"manifest {str(path)!r} has no 'path' column (columns: {reader.fieldnames}); "
+                        f"add a header row with 'path' and one column per task")
+    items = []
+    for line, row in enumerate(reader, start=2):
+        value = (row.get("path") or "").strip()
+        if not value:
+            raise DataError(f"manifest {str(path)!r} line {line}: empty 'path'; fill it or delete the row")
+        target = Path(value) if Path(value).is_absolute() else path.parent / value
+        labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
+        items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
+                                  id=(row.get("id") or "").strip() or value))
     return items
