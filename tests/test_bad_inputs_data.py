@@ -531,7 +531,8 @@ def test_labels_1_and_1_0_are_one_class(tmp_path):
     table = read_manifest(path, check_images=False)
     assert table.class_names["grade"] == ["1", "2"] and table.tasks["grade"].num_classes == 2
     assert [table.targets(i)["grade"].item() for i in range(4)] == [0, 0, 1, 1]
-    assert table.tasks["tumor"].kind == "binary" and [table.targets(i)["tumor"].item() for i in range(4)] == [0, 1, 0, 1]
+    assert table.tasks["tumor"].kind == "binary"
+    assert [table.targets(i)["tumor"].item() for i in range(4)] == [0, 1, 0, 1]
 
 
 def test_a_fold_column_without_data_fold_is_named_in_a_warning(tmp_path, caplog):
