@@ -34,7 +34,8 @@ class RunWriteError(HrselError, OSError):
 
 
 class RunFolderError(HrselError):
-    """A run folder is busy (locked by a running run), already holds a finished run, or is not a run folder."""
+    """A run folder, or the --out of predict / features, is busy (locked by a running run), already holds a
+    finished run, is not a (run) folder, or cannot be written (read-only, disk full); names it and the fix."""
 
 
 class CheckpointError(HrselError):

@@ -3,12 +3,14 @@
     python -m hrsel.evaluate runs/mnist                          # best.pt on the test split
     python -m hrsel.evaluate runs/mnist --split val --checkpoint last
     python -m hrsel.evaluate runs/mnist --checkpoint runs/mnist/best.pt --device cuda --batch-size 32 --out eval/
+    python -m hrsel.evaluate runs/mnist data.root=/mnt/data/megapixel_mnist    # the data moved
 
 Writes RUN_DIR/eval_<split>_<checkpoint>.json (or into --out) with accuracy, balanced accuracy,
 macro F1, AUC (binary tasks), the confusion matrices, and one confusion matrix picture per
 multiclass task, and prints the metrics. The split is built and scored as the trainer does, so
-`--split test --checkpoint best` reproduces test_metrics.json. A bad run folder, checkpoint or
-option stops with exit status 2.
+`--split test --checkpoint best` reproduces test_metrics.json. `data.*` overrides (dotted keys as
+in hrsel.train) change where and how the data is read, never the model. A bad run folder,
+checkpoint, override or option stops with exit status 2.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hrsel.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (output_dir/experiment, e.g. runs/mnist)")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                   help="data.* overrides of the run's config, typed like the YAML value (e.g. data.root=PATH)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="test: the run's test split (data.eval_split); val: the set best.pt was selected on")
     p.add_argument("--checkpoint", default="best", metavar="best|last|PATH",
@@ -31,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: the run's data.eval_batch_size)")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for the JSON and pictures (default: RUN_DIR)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def print_report(report) -> None:
@@ -61,7 +65,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     setup_logging(None, is_main=True)
     report = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device,
-                          batch_size=args.batch_size, out_dir=args.out)
+                          batch_size=args.batch_size, out_dir=args.out, overrides=args.overrides)
     print_report(report)
     return 0
 

@@ -8,8 +8,11 @@ CONFIG is a YAML whose data set yields lazy image sources (e.g. `data: {name: ca
 data/camelyon16, patch_size: 256}`; key=value overrides as in hrsel.train), MANIFEST a CSV with
 a `path` column. Each image becomes `<out>/<id>.h5` (hrsel.data.feature_cache): the embeddings of
 the patches of its Otsu tissue mask and their level-0 coordinates. A complete file is skipped, a
-partial one redone, so a killed run continues where it stopped. Memory is O(batch of patches).
-Bad input stops with exit status 2 and a message naming the file or key.
+partial one redone, so a killed run continues where it stopped; a complete one made from another
+image with the same id is refused, naming both. `--out` is locked while a run writes there (a
+second run into it stops at once). Memory is O(batch of patches). Bad input (a key, a file,
+an `--out` that is a file or read-only, a full disk) stops with exit status 2 and a message
+naming it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ from typing import Any, Callable
 
 from hrsel.errors import ConfigError
 
+
+
+def _out_use() -> Any:
+    from hrsel.engine.rundir import FolderUse
+
+    return FolderUse("output folder", "features.lock", "feature caches", "--out DIR",
+                     "give this run another folder with --out DIR")
 
 
 @dataclass
@@ -121,7 +131,7 @@ def manifest_entries(path: str) -> list[ImageEntry]:
         from hrsel.data.manifest_table import read_manifest
     from hrsel.io import open_image
 
-    table = read_manifest(path)
+    table = read_manifest(path, tasks=[])  # the images only: label columns (or notes) are not read
     stems = [Path(row.rel).stem for row in table.rows]
     ids = [s if stems.count(s) == 1 else str(Path(row.rel).with_suffix("")) for s, row in zip(stems, table.rows)]
     return [ImageEntry(i, lambda p=row.path: open_image(str(p)), {}) for i, row in zip(ids, table.rows)]
@@ -190,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def features_command(args: argparse.Namespace) -> int:
-    counts = run(args)
+    from hrsel.engine.rundir import RunLock
+
+    with RunLock.acquire(args.out, use=_out_use()):  # a file, a read-only folder, a busy one: named before any work
+        counts = run(args)
     print(f"{counts['written']} feature cache(s) written, {counts['skipped']} complete one(s) kept, in {args.out}")
     return 0
 

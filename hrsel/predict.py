@@ -7,7 +7,10 @@
 INPUT: image files (any format hrsel reads), folders (every readable image and .h5 feature cache
 inside, sorted), manifest CSVs (a `path` column; label columns named after the tasks add
 metrics.json) or feature caches (.h5). Writes OUT/predictions.csv and, per image, OUT/<stem>.geojson,
-OUT/<stem>_scores.zarr and OUT/<stem>_heatmap.png. A bad input exits with status 2 and names it.
+OUT/<stem>_scores.zarr and OUT/<stem>_heatmap.png; the tables are written when every image is
+done, atomically, and OUT is locked meanwhile (a second predict into it stops at once). A bad
+input (an image, a run folder, an OUT that is a file, read-only or full) exits with status 2
+and names it.
 """
 from __future__ import annotations
 
@@ -42,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def predict_command(args: argparse.Namespace) -> int:
     from hrsel.inference import load_model, predict_sources
+    from hrsel.inference.outputs import claim_output_folder
 
-    model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
-    result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
-                             num_workers=args.num_workers, pictures=not args.no_pictures,
-                             gallery=args.gallery, progress=not args.no_progress)
+    with claim_output_folder(args.out):  # a file, a read-only folder, a busy one: named before any work
+        model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
+        result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, pictures=not args.no_pictures,
+                                 gallery=args.gallery, progress=not args.no_progress, claim=False)
     print(f"predictions: {result.out_dir / 'predictions.csv'} ({len(result.rows)} image(s))")
     if result.metrics:
         print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))

@@ -24,7 +24,7 @@ from typing import Any
 
 from hrsel.config import Config, check_builder_options, check_data_root, dump_config, load_config
 from hrsel.config.checks import check_components, check_eval_metric
-from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError
+from hrsel.errors import CheckpointError, ConfigError, DataError, HrselError, RunFolderError, SelectionError
 
 log = logging.getLogger("hrsel.train")
 
@@ -74,9 +74,7 @@ def resolve_config(args: argparse.Namespace) -> RunRequest:
     extra = [a for a in args.args if "=" not in a and a != config_path]
     if extra:
         raise ConfigError(f"unexpected arguments {extra}; give one CONFIG file, then key.sub=value overrides")
-    flags = [f"output_dir={args.output_dir}"] if args.output_dir else []
-    flags += [f"seed={args.seed}"] if args.seed is not None else []
-    flags += [f"device={args.device}"] if args.device else []
+    flags = flag_overrides(args, overrides)
     if args.resume is None:
         if config_path is None:
             raise ConfigError("no CONFIG given; usage: python -m hrsel.train configs/demo.yaml [key=value ...], "
@@ -86,6 +84,23 @@ def resolve_config(args: argparse.Namespace) -> RunRequest:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in its folder, "
                           "--overwrite starts it over (moving its files aside); give one")
     return resume_request(args.resume, config_path, overrides + flags)
+
+
+FLAG_KEYS = {"output_dir": "--output-dir", "seed": "--seed", "device": "--device"}  # flags that set a config key
+
+
+def flag_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The overrides of --output-dir, --seed and --device; a key set by both a flag and an override is refused."""
+    flags = []
+    for key, flag in FLAG_KEYS.items():
+        value = getattr(args, key)
+        if value is None or value == "":
+            continue
+        given = [o for o in overrides if o.partition("=")[0].strip().lstrip("-") == key]
+        if given:
+            raise ConfigError(f"{key} is given twice, as {given[0]!r} and as {flag} {value}; give it once")
+        flags.append(f"{key}={value}")
+    return flags
 
 
 def resume_request(resume: str, config_path: str | None, overrides: list[str]) -> RunRequest:
@@ -312,6 +327,9 @@ def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
                 images = images.to(next(pipeline.parameters()).device)
             out = pipeline(images)
     except (ValueError, IndexError, RuntimeError) as e:
+        if isinstance(e, SelectionError):  # K larger than the patch grid, a patch larger than the image, ...
+            raise ConfigError(f"the pipeline cannot select patches of the first evaluation image with this config "
+                              f"({cfg.model.name}: {_size_options(cfg)}): {e}") from None
         if isinstance(e, HrselError):
             raise
         raise ConfigError(f"the pipeline cannot process the first evaluation image with this config: {e}") from None
@@ -327,6 +345,12 @@ def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
         if num_patches is not None and isinstance(value, int) and value > num_patches:
             raise ConfigError(f"config key 'model.{key}' = {value} is more than the {num_patches} patches of "
                               f"an image of this data set; choose model.{key} <= {num_patches} or smaller patches")
+
+
+def _size_options(cfg: Config) -> str:
+    """The model keys that size the patch grid and the selection, as `key=value`, for a message."""
+    keys = ("patch_size", "stride", "k", "num_selected", "downscale")
+    return ", ".join(f"model.{k}={cfg.model.options[k]}" for k in keys if k in cfg.model.options) or "defaults"
 
 
 # ----------------------------------------------------------------------------- running

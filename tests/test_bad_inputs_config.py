@@ -170,6 +170,9 @@ def test_unknown_name_lists_the_valid_ones(config_file, overrides, key, names):
     (["device=cdua"], "device", "cuda:N"),
     (["eval.metric=majority"], "eval.metric", "task/metric"),
     (["eval.metric=majority/acc"], "eval.metric", "did you mean 'accuracy'"),
+    (["data.band_norm={scale: .inf}"], "data.band_norm.scale", "finite number"),
+    (["data.band_norm={mean: [0.5, .nan], std: [1, 1]}"], "data.band_norm.mean", "finite number"),
+    (["data.band_norm={offset: -.inf, scale: 1}"], "data.band_norm.offset", "finite number"),
 ])
 def test_impossible_value_names_the_key(config_file, overrides, key, words):
     if words is None:

@@ -491,3 +491,70 @@ def test_a_canvas_too_small_for_the_digits_writes_nothing(tmp_path, idx_dir, cap
                                                  "--width", "40", "--height", "40", "--n-train", "1"])
     assert rc == 2 and "cannot place 5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- manifest CSVs (your own images) ------------------------------------------------------------------------
+
+def _manifest(folder: Path, lines: list[str], name: str = "slides.csv", encoding: str = "utf-8") -> Path:
+    path = folder / name
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    return path
+
+
+def test_a_latin1_manifest_names_the_file_and_line_and_says_utf8(tmp_path):
+    from hrsel.data.manifest import read_manifest
+    from hrsel.inference.inputs import expand_inputs
+
+    path = _manifest(tmp_path, ["path,label", "a.png,normal", "b.png,tumeur bénigne"], encoding="latin-1")
+    for call in (lambda: read_manifest(path, check_images=False), lambda: expand_inputs([path])):
+        message = str(error_naming(DataError, call, re.escape(str(path)), "line 3", "UTF-8"))
+        assert "0xe9" in message and "UnicodeDecodeError" not in message
+
+
+def test_a_free_text_column_is_refused_not_made_a_task_of_one_class_per_row(tmp_path):
+    from hrsel.data.manifest import read_manifest
+
+    rows = [f"s{i}.png,{'ab'[i % 2]},scanned on day {i}" for i in range(12)]
+    path = _manifest(tmp_path, ["path,label,notes", *rows])
+    error_naming(DataError, lambda: read_manifest(path, check_images=False), re.escape(str(path)), "'notes'",
+                 "each of its 12 rows", r"data.tasks: \['label'\]")
+    table = read_manifest(path, check_images=False, tasks=["label"])  # left out: fine
+    assert list(table.tasks) == ["label"]
+    declared = read_manifest(path, check_images=False, tasks={"label": None, "notes": "multiclass"})
+    assert declared.tasks["notes"].num_classes == 12  # declared: the user asked for it
+
+
+def test_labels_1_and_1_0_are_one_class(tmp_path):
+    from hrsel.data.manifest import read_manifest
+
+    path = _manifest(tmp_path, ["path,grade,tumor", "a.png,1,0", "b.png,1.0,1.0", "c.png,2.0,0.0", "d.png,2,1"])
+    table = read_manifest(path, check_images=False)
+    assert table.class_names["grade"] == ["1", "2"] and table.tasks["grade"].num_classes == 2
+    assert [table.targets(i)["grade"].item() for i in range(4)] == [0, 0, 1, 1]
+    assert table.tasks["tumor"].kind == "binary"
+    assert [table.targets(i)["tumor"].item() for i in range(4)] == [0, 1, 0, 1]
+
+
+def test_a_fold_column_without_data_fold_is_named_in_a_warning(tmp_path, caplog):
+    from hrsel.data.manifest import assign_splits, read_manifest
+
+    path = _manifest(tmp_path, ["path,label,fold", *[f"s{i}.png,{'ab'[i % 2]},{i % 3}" for i in range(9)]])
+    table = read_manifest(path, check_images=False)
+    with caplog.at_level(logging.WARNING, logger="hrsel.data.manifest"):
+        assign_splits(table)
+    assert "'fold' column" in caplog.text and "data.fold" in caplog.text and str(path) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hrsel.data.manifest"):
+        assign_splits(table, fold=1)
+    assert "'fold' column" not in caplog.text
+
+
+def test_many_bad_rows_show_the_first_ones_and_count_the_rest(tmp_path):
+    from hrsel.data.manifest import read_manifest
+    from hrsel.data.manifest_table import SHOWN_PROBLEMS
+
+    n = 5_000
+    path = _manifest(tmp_path, ["path,label", *[f"s{i}.png," for i in range(n)]])  # every label empty
+    message = str(error_naming(DataError, lambda: read_manifest(path, check_images=False), re.escape(str(path)),
+                               f"{n} bad row", r"line 2 \(row 1\)", f"and {n - SHOWN_PROBLEMS} more problem"))
+    assert len(message) < 5000 and message.count("empty 'label' label") == SHOWN_PROBLEMS

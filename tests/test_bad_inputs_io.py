@@ -34,6 +34,7 @@ from hrsel.io import ArraySource, open_image
 from hrsel.io.pixels import composite_alpha
 from hrsel.models import build_pipeline
 from hrsel.models.patches import ImageBatch
+from hrsel.select.extract import GridGeometry
 from hrsel.tasks import TaskSpec
 from hrsel.tiling import PatchGrid
 
@@ -219,6 +220,24 @@ def test_float_array_0_to_255_is_kept_then_refused_at_the_hand_over():
     assert source.dtype == np.float32
     with pytest.raises(PixelTypeError, match=r"ArraySource\(in-memory.*float pixels in 0\.\.255.*data\.band_norm"):
         ImageBatch([source]).full()
+
+
+@pytest.mark.parametrize("band_norm", [None, {"scale": 2.0}, {"mean": [0.5], "std": [0.1], "clip": True}])
+@pytest.mark.parametrize("tile", [None, (16, 16)])
+def test_a_nan_pixel_is_refused_whatever_the_band_norm(tmp_path, band_norm, tile):
+    from hrsel.io.bands import normalizer_from_spec
+
+    values = np.full((32, 32, 3), 0.5, np.float32)
+    values[5, 7, 1] = np.nan  # float32 TIFFs are read as they are: the hand-over must see it
+    path = tmp_path / "nan.tif"
+    _float_tiff(path, values, **({"tile": tile} if tile else {}))
+    source = open_image(path)
+    if band_norm is not None:
+        source.band_norm = normalizer_from_spec(band_norm)
+    raises_naming(PixelTypeError, path, lambda: ImageBatch([source]).full(), match="NaN")
+    batch = ImageBatch([source])
+    with pytest.raises(PixelTypeError, match="NaN"):  # the streamed chunks too, not only the full image
+        list(batch.chunks(GridGeometry.regular((32, 32), patch_size=16), chunk_size=4))
 
 
 # ---- alpha: the same rule for RGBA TIFF and PNG --------------------------------------------------------

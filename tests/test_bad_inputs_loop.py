@@ -238,6 +238,18 @@ def test_lr_1e6_skipping_every_update_stops_at_max_nan_skips(tmp_path):
         assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
 
 
+def test_a_run_whose_every_batch_is_skipped_fails_though_max_nan_skips_is_larger(tmp_path):
+    """8 batches (2 epochs of 4), all with a nan loss, under train.max_nan_skips = 20: nothing was trained."""
+    trainer = build(tmp_path, net={"nan_input_at": range(1, 100)}, train__skip_nan_updates=True,
+                    train__max_nan_skips=20)
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "every one of the 8 training batches" in message and "never updated" in message, message
+    assert str(tmp_path) in message and trainer.state.step == 0
+    assert not (tmp_path / "test_metrics.json").exists()  # no test metrics of an untrained model
+
+
 @pytest.mark.parametrize("bn, why", [(False, "batches had a non-finite loss and were skipped"),
                                      (True, "norm.running_var holds nan/inf")],
                          ids=["nan-loss-skipped", "batchnorm-statistics-overflow"])

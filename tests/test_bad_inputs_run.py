@@ -10,6 +10,7 @@ mtimes, that no lock is left behind and nothing was moved aside.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -197,6 +198,20 @@ CASES = {
     "k_larger_than_grid_with_overwrite": Case(lambda c: [_cfg(c), "--overwrite", "model.num_selected=50"],
                                               lambda c: ["model.num_selected", "50", "16 patches"],
                                               data_work=True),
+    "patch_larger_than_image_with_overwrite": Case(lambda c: [_cfg(c), "--overwrite", "model.patch_size=256"],
+                                                   lambda c: ["model.patch_size=256", "smaller than patch_size=256"],
+                                                   data_work=True),
+    "dps_k_larger_than_grid_with_overwrite": Case(
+        lambda c: [_variant(c, lambda t: t.replace("name: ips", "name: dps").replace(
+            "num_selected: 3, chunk_size: 4", "k: 5000, num_samples: 4")), "--overwrite"],
+        lambda c: ["model.k=5000", "k=5000 is larger than the number of patches"], data_work=True),
+    "learned_positions_fewer_than_the_grid": Case(
+        lambda c: [_cfg(c), "--overwrite", "model.pos_encoding=learned", "model.num_positions=4"],
+        lambda c: ["model.num_positions=4", "pos_encoding 'learned'", "grid position"], data_work=True),
+    "seed_override_and_flag": Case(lambda c: [_cfg(c), "seed=1", "--seed", "2"],
+                                   lambda c: ["seed is given twice", "'seed=1'", "--seed 2"]),
+    "output_dir_override_and_flag": Case(lambda c: [_cfg(c), f"output_dir={c.tmp}", "--output-dir", str(c.tmp)],
+                                         lambda c: ["output_dir is given twice", "--output-dir"]),
     "output_dir_is_a_file": Case(lambda c: [_cfg(c), "--output-dir", str(c.finished.config)],
                                  lambda c: ["cannot create run folder", str(c.finished.config / "done")],
                                  RunFolderError),
@@ -463,3 +478,70 @@ def test_ddp_find_unused_parameters_is_decided_from_the_pipeline(detached, decla
     decided = decide_find_unused(cfg, model, data, collate, distributed.DistInfo(0, 2, 0), tasks=TASKS)
     assert decided.train.find_unused_parameters is expected
     assert decide_find_unused(cfg, model, data, collate, distributed.DistInfo(), tasks=TASKS) is cfg  # one process
+
+
+# ----------------------------------------------------------------------------- a checkpoint that runs code
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it opens (creates) `marker`, as os.system would run a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted(path: Path, marker: Path, how: str) -> Path:
+    if how == "torch.save":
+        torch.save({"model": {"classifier.head.weight": _Payload(marker)}}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    return path
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+@pytest.mark.parametrize("load", ["classifier_checkpoint", "policy_checkpoint", "resume"])
+def test_a_checkpoint_holding_code_is_refused_before_anything_runs(tmp_path, how, load):
+    from hrsel.cli import BAD_INPUT
+    from hrsel.engine.checkpoint import load_checkpoint
+    from hrsel.models import build_pipeline
+
+    marker = tmp_path / "pwned"
+    path = _crafted(tmp_path / "best.pt", marker, how)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as err:
+        if load == "resume":
+            load_checkpoint(path)
+        else:
+            build_pipeline("patchdrop", tasks=TASKS, in_chans=1, backbone="narrow_resnet", patch_size=20,
+                           downscale=2, backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)},
+                           **{load: str(path)})
+    message = str(err.value)
+    assert not marker.exists(), "unpickling ran the payload"
+    assert str(path) in message and "holds Python objects" in message and "truncated" not in message, message
+    assert isinstance(err.value, BAD_INPUT)  # exit status 2 from hrsel.train
+    if load != "resume":
+        assert f"model.{load}" in message
+
+
+# ----------------------------------------------------------------------------- hrsel.evaluate takes data.* overrides
+
+def test_evaluate_takes_data_overrides_and_refuses_the_others(finished, tmp_path, capsys):
+    from hrsel.evaluate import main as evaluate_main
+
+    moved = tmp_path / "moved"
+    shutil.copytree(finished.root, moved)
+    run = copy_run(finished, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["root"] == str(finished.root)
+    out = tmp_path / "eval"
+    assert evaluate_main([str(run), f"data.root={moved}", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "eval_test_best.json").is_file()
+    capsys.readouterr()
+    assert evaluate_main([str(run), f"data.root={tmp_path / 'nowhere'}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "nowhere" in err and "Traceback" not in err
+    assert evaluate_main([str(run), "optim.lr=0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr=0.5" in err and "only data.*" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,27 @@ def test_iterative_topm_empty_batch():
 ], ids=["sinkhorn-eps-inf", "sinkhorn-eps-nan", "sinkhorn-tol-negative", "perturbed-sigma-inf", "schedule-nan"])
 def test_nonfinite_settings_are_named(call, word):
     raises_naming(call, word)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkhorn_epsilon_too_small_for_the_dtype_is_named_not_inf(dtype):
+    scores = torch.rand(2, 16, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    epsilon = 1e-9 if dtype == torch.float32 else 1e-30
+    raises_naming(lambda: sinkhorn_topk(scores, 4, epsilon=epsilon), f"epsilon={epsilon!r}", "too small",
+                  str(dtype).replace("torch.", ""))
+    assert torch.isfinite(sinkhorn_topk(scores, 4, epsilon=1e-4, iterations=2000)).all()  # the JAX setting
+
+
+class _NotTorch:
+    """Stands for numpy's Generator or random.Random handed to a torch sampler."""
+
+
+@pytest.mark.parametrize("call", [
+    lambda g: perturbed_topk(scores_with(0.5), 2, 0.1, 8, g),
+    lambda g: sample_without_replacement(probs_with(1 / 8), 2, generator=g),
+    lambda g: sample_actions(probs_with(0.5), generator=g),
+    lambda g: iterative_topm(stream(scores_with(0.5), 4), m=2, score_fn=pointwise, random_ties=True, generator=g),
+], ids=["perturbed_topk", "sample_without_replacement", "sample_actions", "iterative_topm"])
+@pytest.mark.parametrize("generator", [_NotTorch(), np.random.default_rng(0)], ids=["object", "numpy"])
+def test_a_generator_that_is_not_torch_is_named(call, generator):
+    raises_naming(lambda: call(generator), "generator must be a torch.Generator", type(generator).__name__)

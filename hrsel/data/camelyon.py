@@ -12,6 +12,7 @@ so IPS can run over tens of thousands of patches per slide (data set `features`)
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from hrsel.data.csvfile import read_csv_text
 from hrsel.errors import DataError
 from hrsel.tasks import TaskSpec
 
@@ -31,7 +33,7 @@ PREFIXES = {"train": ("normal_", "tumor_"), "test": ("test_",)}
 def read_reference_csv(path: str | os.PathLike) -> dict[str, int]:
     """slide name -> 1 (Tumor) / 0 (Normal); DataError names the file and line."""
     labels = {}
-    with open(path, newline="") as f:
+    with io.StringIO(read_csv_text(path), newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip() or row[0].strip().lower() in ("image", "slide", "name"):
                 continue

@@ -7,19 +7,24 @@ made with (`patch_size_level`, `min_tissue_fraction`, `encoder`, `dim`, `n`).
 
 `write_bag` streams a grid's patches through an encoder `batch_size` at a time (memory is
 O(batch), never the whole image) into `<id>.h5.partial`, then renames it, so a killed run
-leaves either a complete file or none under the final name. `cache_bag` skips a complete file
-made with the same settings and redoes a partial one (no `complete` attr). `read_bag` loads one.
+leaves either a complete file or none under the final name; a failed write (disk full) removes
+the partial file and is one `RunFolderError` naming it. `cache_bag` skips a complete file made
+from the same image (`source`, an absolute path) with the same settings, refuses one made from
+another image or with other settings (naming both), and redoes a partial one (no `complete`
+attr). `read_bag` loads one.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from hrsel.errors import DataError
+from hrsel.errors import DataError, HrselError, RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -82,38 +87,149 @@ def write_bag(path: str | os.PathLike, source: Any, grid: Any, encoder: Encoder,
 
     Rows follow `grid.coords`. `on_batch(n)` is called after each batch of n patches (a progress bar).
     """
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL)
+    meta = {**(attrs or {}), "patch_size": int(round(grid.patch_size * grid.downsample)),
+            "patch_size_level": int(grid.patch_size), "level": int(grid.level), "source": source_name(source),
+            "n": len(grid)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_space(path, len(grid), _feature_dim(encoder, source, int(grid.patch_size), device), dtype)
+        _encode_into(tmp, meta, source, grid, encoder, batch_size=batch_size, device=device, dtype=dtype,
+                     workers=workers, on_batch=on_batch)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not is_write_failure(e):
+            raise
+        raise RunFolderError(f"cannot write feature cache {path}: {_reason(e)}; the partial file was removed and "
+                             f"the complete caches in {path.parent} are kept. Free space there (or choose another "
+                             f"--out), then run python -m hrsel.features again: it continues with this image") \
+            from None
+    return path
+
+
+def _encode_into(tmp: Path, meta: dict[str, Any], source: Any, grid: Any, encoder: Encoder, *, batch_size: int,
+                 device: str, dtype: str, workers: int, on_batch: Callable[[int], None] | None) -> None:
+    """`write_bag`'s file: attrs, coords, then the features batch by batch (each flushed); `complete` last.
+
+    A failed write (a full disk) surfaces at that write or flush; the file is then emptied before
+    HDF5 closes it (closing a file with writes pending on a full disk crashes the process) and
+    removed. Any other error (a kill, a bad image) closes it and leaves the partial file, which the
+    next run redoes."""
     import h5py
+    import torch
+
+    f = h5py.File(tmp, "w", rdcc_nbytes=0)  # no chunk cache: a failed write fails at once, nothing is left pending
+    try:
+        with torch.no_grad():
+            _fill(f, meta, source, grid, encoder, batch_size=batch_size, device=device, dtype=dtype,
+                  workers=workers, on_batch=on_batch)
+    except BaseException as e:
+        if is_write_failure(e):
+            _abandon(f, tmp)
+        else:
+            f.close()
+        raise
+    f.close()
+
+
+def _fill(f: Any, meta: dict[str, Any], source: Any, grid: Any, encoder: Encoder, *, batch_size: int, device: str,
+          dtype: str, workers: int, on_batch: Callable[[int], None] | None) -> None:
     import torch
 
     from hrsel.tiling import stream_patches
 
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL)
-    n, p = len(grid), int(grid.patch_size)
-    meta = {**(attrs or {}), "patch_size": int(round(grid.patch_size * grid.downsample)), "patch_size_level": p,
-            "level": int(grid.level), "source": str(getattr(source, "path", "") or ""), "n": n}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(tmp, "w") as f, torch.no_grad():
-        f.attrs.update(meta)
-        f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(n, 2))
-        features = None
-        if n == 0:
-            log.warning("%s: no tissue patches in %r; the cache holds an empty bag", path.name, source)
-            dim = encode(encoder, torch.zeros(1, source.channels, p, p, dtype=torch.uint8), device).shape[1]
-            features = f.create_dataset("features", shape=(0, dim), dtype=dtype)
-        for chunk in stream_patches(source, grid, chunk_size=batch_size, workers=workers):
-            emb = encode(encoder, chunk.patches, device, getattr(source, "band_norm", None))  # (b, D) float32
-            if features is None:
-                features = f.create_dataset("features", shape=(n, emb.shape[1]), dtype=dtype,
-                                            chunks=(min(batch_size, n), emb.shape[1]))
-            start = int(chunk.indices[0])  # chunks are consecutive rows of the grid
-            features[start:start + len(emb)] = emb.astype(dtype)
-            if on_batch is not None:
-                on_batch(len(emb))
-        f.attrs["dim"] = int(features.shape[1])
-        f.attrs["complete"] = True
-    os.replace(tmp, path)
-    return path
+    n = len(grid)
+    f.attrs.update(meta)
+    f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(n, 2))
+    features = None
+    if n == 0:
+        log.warning("%s: no tissue patches in %r; the cache holds an empty bag", Path(f.filename).name, source)
+        dim = _feature_dim(encoder, source, int(grid.patch_size), device)
+        features = f.create_dataset("features", shape=(0, dim), dtype=dtype)
+    f.flush()
+    for chunk in stream_patches(source, grid, chunk_size=batch_size, workers=workers):
+        emb = encode(encoder, chunk.patches, device, getattr(source, "band_norm", None))  # (b, D) float32
+        if features is None:
+            features = f.create_dataset("features", shape=(n, emb.shape[1]), dtype=dtype,
+                                        chunks=(min(batch_size, n), emb.shape[1]))
+        start = int(chunk.indices[0])  # chunks are consecutive rows of the grid
+        features[start:start + len(emb)] = emb.astype(dtype)
+        f.flush()  # a full disk fails here, on this batch, not when the file is closed
+        if on_batch is not None:
+            on_batch(len(emb))
+    f.attrs["dim"] = int(features.shape[1])
+    f.attrs["complete"] = True
+    f.flush()
+
+
+def _feature_dim(encoder: Encoder, source: Any, patch_size: int, device: str) -> int:
+    """D, from the encoder on one blank patch."""
+    import torch
+
+    blank = torch.zeros(1, source.channels, patch_size, patch_size, dtype=torch.uint8)
+    return int(encode(encoder, blank, device).shape[1])
+
+
+def _check_space(path: Path, n: int, dim: int, dtype: str) -> None:
+    """Refuse, before writing, a cache the disk of its folder has no room for (RunFolderError naming both)."""
+    need = n * (dim * np.dtype(dtype).itemsize + 16) + (1 << 20)  # features, coords, HDF5's own
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise RunFolderError(f"cannot write feature cache {path}: no space left on the device for it (it needs "
+                             f"about {need / 2**20:.1f} MiB for {n} patches of {dim} {dtype} features, "
+                             f"{free / 2**20:.1f} MiB are free in {path.parent}); nothing was written. Free space "
+                             f"there (or choose another --out), then run python -m hrsel.features again")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An error of writing a cache file (h5py reports a failed flush as a RuntimeError), not of hrsel or torch."""
+    if isinstance(error, HrselError):
+        return False
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write failed" in str(error))
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text or "No space" in text:
+        return "no space left on the device"
+    return getattr(error, "strerror", None) or text.splitlines()[0][:200]
+
+
+def _abandon(f: Any, tmp: Path) -> None:
+    """Free the disk the partial file holds, let HDF5 close it (its pending writes now fit), remove it."""
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the file is being thrown away
+        pass
+    _discard(tmp)
+
+
+def source_name(source: Any) -> str:
+    """The image a cache is made from, as stored in its `source` attr: the absolute path ("" if none)."""
+    name = str(getattr(source, "path", "") or "")
+    return os.path.abspath(name) if name else ""
+
+
+def _same_image(stored: str, current: str) -> bool:
+    """A cache's `source` attr names the image `current` (equal paths, or one file reached two ways)."""
+    if not stored or not current or stored == current or os.path.abspath(stored) == current:
+        return True
+    try:
+        return os.path.samefile(stored, current)
+    except OSError:
+        return False
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        log.warning("could not remove the partial feature cache %s; delete it by hand", tmp)
 
 
 def encode(encoder: Encoder, patches: "torch.Tensor", device: str,  # noqa: F821
@@ -143,22 +259,33 @@ def cache_bag(path: str | os.PathLike, open_source: Callable[[], Any], make_grid
     """
     path = Path(path)
     old = read_attrs(path) if path.exists() else None
-    if old and old.get("complete"):
-        for key in CHECKED_ATTRS:
-            if key in (attrs or {}) and key in old and old[key] != attrs[key]:
-                raise DataError(f"feature cache {path} was made with {key}={old[key]!r}, this run asks for "
-                                f"{attrs[key]!r}; write to another --out folder or delete the old caches")
-        return False
-    if old is not None or path.exists():
-        log.info("redoing the partial feature cache %s", path)
     source = open_source()
     try:
+        if old and old.get("complete"):
+            _check_same_settings(path, old, attrs or {}, source)
+            return False
+        if old is not None or path.exists():
+            log.info("redoing the partial feature cache %s", path)
         write_bag(path, source, make_grid(source), encoder, attrs=attrs, **options)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
     return True
+
+
+def _check_same_settings(path: Path, old: dict[str, Any], attrs: dict[str, Any], source: Any) -> None:
+    """A complete cache is kept only if made from this image with these settings; else DataError naming both."""
+    for key in CHECKED_ATTRS:
+        if key in attrs and key in old and old[key] != attrs[key]:
+            raise DataError(f"feature cache {path} was made with {key}={old[key]!r}, this run asks for "
+                            f"{attrs[key]!r}; write to another --out folder or delete the old caches")
+    current = source_name(source)
+    if not _same_image(str(old.get("source") or ""), current):
+        raise DataError(f"feature cache {path} was made from image {old['source']!r}, but this run's image with "
+                        f"the same id is {current!r}; nothing was overwritten. Give the images distinct file "
+                        f"names (or ids), write to another --out folder, or delete {path.name} to encode the new "
+                        f"image")
 
 
 def _plain(value: Any) -> Any:

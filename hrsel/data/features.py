@@ -20,6 +20,7 @@ Labels (`layout`):
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from hrsel.data.csvfile import read_csv_text
 from hrsel.data.feature_cache import SUFFIX, bag_name, read_bag
 from hrsel.errors import DataError
 from hrsel.tasks import TaskSpec
@@ -121,7 +123,7 @@ def _csv_labels(path: Path, split: str, label_column: str) -> tuple[list[str], l
     if not path.is_file():
         raise DataError(f"no labels CSV at {path}: write one with a header 'id,{label_column}[,split]' or set "
                         f"data.labels_csv (or data.layout: camelyon16 for the challenge's names)")
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_csv_text(path), newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         id_col = next((c for c in ID_COLUMNS if c in header), None)

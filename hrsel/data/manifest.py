@@ -44,12 +44,17 @@ __all__ = ["ManifestDataset", "ManifestTable", "read_manifest", "assign_splits"]
 log = logging.getLogger(__name__)
 
 _TABLES: dict[tuple, ManifestTable] = {}  # one check of the images per process, shared by the splits
+_WARNED: set[str] = set()  # warnings about a table given once per process
 
 
 def assign_splits(table: ManifestTable, *, fold: int | None = None, test_fraction: float = 0.2,
                   split_seed: int = 0) -> tuple[list[str], dict[str, Any]]:
     """The split (train / val / test) of every row, and a record of the rule (see the module doc)."""
     rows = table.rows
+    if fold is None and table.has_fold:
+        _warn_once(f"{table.csv} has a 'fold' column but data.fold is not set, so the folds are not used "
+                   f"({'the split column decides' if table.has_split else 'a seeded test_fraction of the rows is test'}"
+                   f"); set data.fold=K to test (or, with a split column, validate) on the rows of fold K")
     if fold is not None:
         if not table.has_fold:
             raise DataError(f"config key 'data.fold' = {fold} but {table.csv} has no 'fold' column; add one "
@@ -84,6 +89,13 @@ def assign_splits(table: ManifestTable, *, fold: int | None = None, test_fractio
     record.update(seed=split_seed, test_fraction=test_fraction, stratified_on=task,
                   test=[rows[i].rel for i in test])
     return splits, record
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning the first time only (each split of a data set reads the same table)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def _record(table: ManifestTable, splits: list[str], rule: str) -> dict[str, Any]:

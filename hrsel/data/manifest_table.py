@@ -8,27 +8,34 @@ unless `tasks` names them: a list of columns (kinds inferred), or a mapping colu
 ("multiclass", "binary", "multilabel", or {kind: ..., classes: [...]} to fix the class list).
 Inferred kinds: a column with a `|` in any cell is multilabel (`a|b`), integers 0/1 only are
 binary, other integers or any strings are multiclass with the sorted class names (integers
-sorted as numbers). Classes are taken over all rows, whatever their split, so every split
+sorted as numbers; `1` and `1.0` are one class). An inferred column with a different value in
+each of its rows (at least `FREE_TEXT_ROWS`: notes, ids) is refused rather than made a task of
+one class per row. Classes are taken over all rows, whatever their split, so every split
 agrees on them. Every bad row (missing or unreadable image, duplicate path, empty label, a label
 outside the given classes, a bad split or fold, no microns per pixel when `target_mpp` is
-set) is reported in one `DataError`, with its line number and the fix.
+set) is reported in one `DataError`, with its line number and the fix (the first
+`SHOWN_PROBLEMS`, and a count of the rest). The file must be UTF-8 (`hrsel.data.csvfile`).
 """
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hrsel.data.csvfile import read_csv_text
 from hrsel.errors import DataError, HrselError
 from hrsel.tasks import TaskSpec
 
 RESERVED = ("path", "split", "fold")
 KINDS = ("multiclass", "binary", "multilabel")
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-INTEGER = re.compile(r"[+-]?\d+")
+INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")  # 1, 01, 1.0 and 1. are the integer 1 (pandas writes 1.0)
+SHOWN_PROBLEMS = 20  # bad rows listed in the error; the rest are counted
+FREE_TEXT_ROWS = 8  # an inferred task with a distinct value in every row of at least this many: free text
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class ManifestTable:
         """Class indices of `task` for row `row` (one for multiclass and binary)."""
         text = self.rows[row].labels[task]
         if self.tasks[task].kind == "binary":
-            return [int(text)]
+            return [_integer(text)]
         return sorted({self._index[task][name] for name in _cell_classes(text, self.tasks[task].kind)})
 
     def targets(self, row: int) -> dict[str, Any]:
@@ -106,22 +113,30 @@ def read_manifest(path: str | os.PathLike, *, tasks: dict | list | None = None, 
     columns = _task_columns(csv_path, header, tasks)
     bad: list[tuple[int, str]] = []  # (row, problem)
     rows = _rows(csv_path, header, raw, columns, bad)
-    specs, names = _infer_tasks(rows, columns, bad)
+    specs, names = _infer_tasks(csv_path, rows, columns, bad)
     if check_images:
         rows = _check_images(rows, target_mpp, bad)
     if bad:
-        problems = [text for _, text in sorted(bad, key=lambda b: b[0])]  # stable: a row's problems in check order
-        raise DataError(f"{csv_path}: {len({n for n, _ in bad})} bad row(s) ({len(bad)} problem(s)); nothing was "
-                        "started. Fix or remove them:\n  " + "\n  ".join(problems))
+        raise DataError(bad_rows_message(csv_path, bad))
     return ManifestTable(csv_path, rows, specs, names, has_split="split" in header, has_fold="fold" in header,
                          target_mpp=target_mpp)
 
 
+def bad_rows_message(csv_path: Path, bad: list[tuple[int, str]]) -> str:
+    """Every bad row counted, the first `SHOWN_PROBLEMS` problems listed (a broken 100k-row CSV stays readable)."""
+    problems = [text for _, text in sorted(bad, key=lambda b: b[0])]  # stable: a row's problems in check order
+    rows = len({n for n, _ in bad})
+    more = len(problems) - SHOWN_PROBLEMS
+    tail = (f"\n  ... and {more} more problem(s) not shown: fix these, then run again to see the next ones"
+            if more > 0 else "")
+    return (f"{csv_path}: {rows} bad row(s) ({len(bad)} problem(s)); nothing was started. Fix or remove them:\n  "
+            + "\n  ".join(problems[:SHOWN_PROBLEMS]) + tail)
+
+
 def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        raw = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
+    reader = csv.reader(io.StringIO(read_csv_text(csv_path), newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    raw = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
     if "path" not in header:
         raise DataError(f"{csv_path}: line 1 must be a header with a 'path' column (image paths relative to the CSV); "
                         f"got columns {header}")
@@ -186,17 +201,28 @@ def _rows(csv_path: Path, header: list[str], raw: list, columns: dict, bad: list
                 bad.append((number, f"{where}: empty {task!r} label; fill it in, remove the row, or leave the "
                                     "task out (data.tasks)"))
         rows.append(ManifestRow(line, number, rel, path, labels, SPLITS.get((split or "").lower()),
-                                int(fold) if fold and INTEGER.fullmatch(fold) else None))
+                                _integer(fold) if fold and INTEGER.fullmatch(fold) else None))
     return rows
 
 
 def _cell_classes(text: str, kind: str) -> list[str]:
     if kind == "multilabel":
         return [part.strip() for part in text.split("|") if part.strip()]
-    return [str(int(text))] if INTEGER.fullmatch(text) else [text]
+    return [canonical_label(text)]
 
 
-def _infer_tasks(rows: list[ManifestRow], columns: dict, bad: list[tuple[int, str]]) -> tuple[dict, dict]:
+def canonical_label(text: str) -> str:
+    """How the manifest names a class: an integer cell as the integer ('01', '1.0' -> '1'), other text as is."""
+    return str(_integer(text)) if INTEGER.fullmatch(text) else text
+
+
+def _integer(text: str) -> int:
+    """The integer of a cell INTEGER matches: '01' -> 1, '1.0' -> 1."""
+    return int(text.split(".")[0])
+
+
+def _infer_tasks(csv_path: Path, rows: list[ManifestRow], columns: dict,
+                 bad: list[tuple[int, str]]) -> tuple[dict, dict]:
     specs, names = {}, {}
     for task, spec in columns.items():
         values = [(row, row.labels[task]) for row in rows if row.labels[task]]
@@ -205,7 +231,7 @@ def _infer_tasks(rows: list[ManifestRow], columns: dict, bad: list[tuple[int, st
         if kind == "binary":
             classes = ["0", "1"]
             for row, text in values:
-                if text not in ("0", "1"):
+                if not (INTEGER.fullmatch(text) and _integer(text) in (0, 1)):
                     bad.append((row.number, f"{row.where}: {task!r} label {text!r} is not 0 or 1 (a binary task); "
                                             f"fix the cell or declare data.tasks.{task}: multiclass"))
         elif classes is not None:
@@ -219,6 +245,8 @@ def _infer_tasks(rows: list[ManifestRow], columns: dict, bad: list[tuple[int, st
             found = {name for _, text in values for name in _cell_classes(text, kind)}
             numeric = all(INTEGER.fullmatch(n) for n in found)
             classes = sorted(found, key=(lambda n: (int(n), n)) if numeric else None)
+            if spec["kind"] is None and kind == "multiclass" and not bad:
+                _refuse_free_text(csv_path, task, [v for _, v in values], list(columns))
         if kind != "binary" and len(classes) < 2 and not bad:
             raise DataError(f"task {task!r} has {len(classes)} class(es) {classes} in the manifest; a task needs at "
                             "least two (or 0/1 labels for a binary task)")
@@ -227,10 +255,23 @@ def _infer_tasks(rows: list[ManifestRow], columns: dict, bad: list[tuple[int, st
     return specs, names
 
 
+def _refuse_free_text(csv_path: Path, task: str, values: list[str], tasks: list[str]) -> None:
+    """A column with its own value in every row (notes, ids) would be a task of one class per row: refused."""
+    if len(values) < FREE_TEXT_ROWS or len({canonical_label(v) for v in values}) < len(values):
+        return
+    others = [t for t in tasks if t != task]
+    leave_out = f"data.tasks: {others}" if others else "data.tasks (naming the label columns)"
+    declared = ", ".join([f"{t}: null" for t in others] + [f"{task}: multiclass"])
+    raise DataError(f"{csv_path}: column {task!r} has a different value in each of its {len(values)} rows (e.g. "
+                    f"{', '.join(repr(v) for v in values[:3])}): it reads as free text or an id, not as labels, and "
+                    f"would be a task with one class per row. Leave it out with {leave_out}, or declare it to "
+                    f"train on it anyway: data.tasks: {{{declared}}}")
+
+
 def _infer_kind(values: list[str]) -> str:
     if any("|" in v for v in values):
         return "multilabel"
-    if values and all(INTEGER.fullmatch(v) for v in values) and {int(v) for v in values} <= {0, 1}:
+    if values and all(INTEGER.fullmatch(v) for v in values) and {_integer(v) for v in values} <= {0, 1}:
         return "binary"
     return "multiclass"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from hrsel.errors import CheckpointError, RunWriteError
+from hrsel.models.torch_file import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,13 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     atomic_write(dst, lambda f: _copy_into(src, f))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: bool = False,
+                 on_error: Callable[[Path, BaseException], Exception] | None = None) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync, then rename it over `path`.
 
     A failed write (disk full, no permission) leaves `path` as it was, removes the temp
-    file and raises one `RunWriteError` naming the file, the reason and the free space.
+    file and raises one error naming the file, the reason and the free space: `on_error(path,
+    error)`, by default `write_error` (a `RunWriteError` of a run folder).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -86,21 +88,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: 
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _torch_write_failure(e):
             raise
-        raise write_error(path, e) from None
+        raise (on_error or write_error)(path, e) from None
     finally:
         _remove_quietly(tmp)
 
 
-def write_error(path: Path, error: BaseException) -> RunWriteError:
-    """The one error a failed write of a run file raises: what, why, free space, what is kept, the fix."""
+def write_error(path: Path, error: BaseException, *, folder_kind: str = "run folder",
+                elsewhere: str = "move the run to another output_dir", then: str = "continue the run with --resume",
+                cls: type[Exception] = RunWriteError) -> Exception:
+    """The one error a failed write of a run file raises: what, why, free space, what is kept, the fix.
+
+    The keywords word it for another folder (hrsel.predict's --out: `cls` RunFolderError)."""
     folder = path.parent
     reason = _reason(error)
     kept = (f"the previous {path.name} is unchanged" if path.exists()
             else f"no partial {path.name} was left behind")
-    fix = ("free space on that disk (or move the run to another output_dir)" if _no_space(error)
+    fix = (f"free space on that disk (or {elsewhere})" if _no_space(error)
            else "make the folder writable and check the disk")
-    return RunWriteError(f"cannot write {path}: {reason}; {_free_space(folder)} free on the disk of run folder "
-                         f"{folder}; {kept}. {fix.capitalize()}, then continue the run with --resume")
+    return cls(f"cannot write {path}: {reason}; {_free_space(folder)} free on the disk of {folder_kind} "
+               f"{folder}; {kept}. {fix.capitalize()}, then {then}")
 
 
 def _copy_into(src: str | os.PathLike, f: IO) -> None:
@@ -172,42 +178,13 @@ def load_checkpoint(path: str | os.PathLike, *, require: tuple[str, ...] = (), r
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}; --resume expects a run folder holding {LAST} "
                               f"(or a checkpoint file in one){_instead(path, resuming)}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} holds Python objects other than tensors, numbers, strings and plain "
-                f"containers, so hrsel does not unpickle it (torch.load(weights_only=True) said: "
-                f"{_unpickling_cause(e)}); it was written by another program or by hrsel before "
-                f"checkpoints were weights-only{_instead(path, resuming)}") from None
-        raise _unreadable(path, e, resuming, said=_unpickling_cause(e)) from None
-    except (EOFError, RuntimeError, ValueError, OSError, pickle.UnpicklingError, AttributeError, ImportError,
-            IndexError, KeyError, TypeError) as e:
-        raise _unreadable(path, e, resuming) from None
+    state = load_weights_only(path, advice=_instead(path, resuming))
     missing = [k for k in require if not isinstance(state, dict) or k not in state]
     if missing:
         held = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is not a hrsel training checkpoint: it lacks "
                               f"{', '.join(missing)} (it holds {held}){_instead(path, resuming)}")
     return state
-
-
-def _unreadable(path: Path, error: BaseException, resuming: bool, *, said: str = "") -> CheckpointError:
-    size = path.stat().st_size
-    what = "empty" if size == 0 else f"truncated, corrupt or not a torch checkpoint ({size} bytes)"
-    return CheckpointError(f"checkpoint {str(path)!r} cannot be read: the file is {what}; torch.load said: "
-                           f"{said or _first_line(error)}{_instead(path, resuming)}")
-
-
-def _unpickling_cause(error: BaseException) -> str:
-    """The line of torch's weights_only refusal that names the object (e.g. numpy.core.multiarray._reconstruct)."""
-    text = " ".join(str(error).split())
-    start = text.find("WeightsUnpickler error:")
-    if start < 0:
-        return _first_line(error)
-    cause = text[start:].split(" by default")[0].split(" Check the documentation")[0]
-    return cause[:300]
 
 
 def _instead(path: Path, resuming: bool = True) -> str:
@@ -222,12 +199,6 @@ def _instead(path: Path, resuming: bool = True) -> str:
         return (f". Resume from another checkpoint of the run instead, e.g. --resume {others[0]} "
                 f"(training continues from the step it holds), or restore {path.name} from a backup")
     return f". Restore {path.name} from a backup, or start the run again with --overwrite"
-
-
-def _first_line(error: BaseException) -> str:
-    """The error's first sentence (torch's zip reader adds a paragraph of advice after it)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text.split('. ')[0][:200]}"
 
 
 # ----------------------------------------------------------------------------- what a checkpoint describes

@@ -114,6 +114,7 @@ class Trainer:
         try:
             while self.state.eval_pending or (self.state.epoch < self.cfg.train.epochs and not self._done()):
                 self.run_epoch()
+            self._check_updated()
             weights = self._load_best()
             metrics = self.final_test(weights)
             return {"metrics": metrics, "best": self._best_summary(), "test_weights": weights,
@@ -375,6 +376,16 @@ class Trainer:
                 f"optim.lr or set optim.clip_norm (or raise train.max_nan_skips)")
         log.warning("non-finite loss at step %d: update skipped (%d so far)", self.state.step, self.state.nan_skips)
         return {}
+
+    def _check_updated(self) -> None:
+        """A run whose every batch was skipped for a non-finite loss trained nothing: it fails, even when
+        train.max_nan_skips (a streak) is larger than the whole run."""
+        if self.state.step == 0 and self.state.nan_skips > 0:
+            raise NonFiniteLossError(
+                f"the loss was non-finite in every one of the {self.state.nan_skips} training batches, and each was "
+                f"skipped (train.skip_nan_updates): the model was never updated, so the run stops without "
+                f"scoring the test split. Lower optim.lr, set optim.clip_norm, or check the data for NaN "
+                f"({self.run_dir})")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signum  # only a flag: the loop checks it between batches (no I/O in a handler)

@@ -8,7 +8,10 @@
 
 - A run holds `run.lock` (an flock, plus who holds it: pid, host, start time) for as long as
   it lives; a second run in the same folder stops at once and names the holder. A lock left
-  by a process that died (SIGKILL, a crash) is taken over with a warning.
+  by a process that died (SIGKILL, a crash) is taken over with a warning. The same lock guards
+  the `--out` of hrsel.predict and hrsel.features (`RunLock.acquire(folder, use=FolderUse(...))`:
+  another lock file and wording); a path that is a file or a folder that cannot be written is
+  refused there too.
 - A new run refuses a folder holding results of an earlier run (last.pt, best.pt,
   metrics.csv, test_metrics.json): continue it with --resume, or start over with --overwrite,
   which moves the earlier files to `<run folder>.replaced-<time>/` (nothing is deleted).
@@ -49,6 +52,21 @@ LOCATION_KEYS = ("output_dir", "experiment")  # where the run lives: given by th
 # ----------------------------------------------------------------------------- the lock
 
 @dataclass(frozen=True)
+class FolderUse:
+    """Whose folder a `RunLock` guards, for its lock file's name and its messages."""
+
+    what: str  # "run folder", "output folder"
+    lock: str  # the lock file's name
+    outputs: str  # what two runs in one folder would overwrite
+    flag: str  # the option that chooses the folder
+    elsewhere: str  # how to give a run another folder
+
+
+TRAINING_RUN = FolderUse("run folder", LOCK, "checkpoints", "--output-dir DIR",
+                         "give this run another folder with experiment=NAME or --output-dir DIR")
+
+
+@dataclass(frozen=True)
 class Holder:
     """Who holds (or held) a run folder's lock."""
 
@@ -69,35 +87,49 @@ class Holder:
 class RunLock:
     """An exclusive flock on `run_dir/run.lock` holding this process's `Holder`; `release()` removes it."""
 
-    def __init__(self, run_dir: Path, fd: int, *, created_folder: bool):
-        self.run_dir, self.path, self._fd, self.created_folder = run_dir, run_dir / LOCK, fd, created_folder
+    def __init__(self, run_dir: Path, fd: int, *, created_folder: bool, name: str = LOCK):
+        self.run_dir, self.path, self._fd, self.created_folder = run_dir, run_dir / name, fd, created_folder
 
     @classmethod
-    def acquire(cls, run_dir: str | os.PathLike) -> "RunLock":
+    def acquire(cls, run_dir: str | os.PathLike, *, use: "FolderUse | None" = None) -> "RunLock":
+        """Lock `run_dir` (created if missing); `use` says whose folder it is (default: a training run's)."""
+        use = use or TRAINING_RUN
         run_dir = Path(run_dir)
         created = not run_dir.exists()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunFolderError(f"{use.what} {str(run_dir)!r} is a file, not a folder; {use.elsewhere}")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunFolderError(f"cannot create run folder {str(run_dir)!r}: {e.strerror or e}; choose a writable "
-                                 f"place with --output-dir DIR") from None
-        path = run_dir / LOCK
+            raise RunFolderError(f"cannot create {use.what} {str(run_dir)!r}: {e.strerror or e}; choose a writable "
+                                 f"place with {use.flag}") from None
+        path = run_dir / use.lock
         for _ in range(20):  # retried only while a releasing holder unlinks the file under us
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only folder or disk, a full disk
+                cls._remove_created(run_dir, created)
+                raise RunFolderError(f"cannot write in {use.what} {str(run_dir)!r} (creating its lock {path.name}: "
+                                     f"{e.strerror or e}); make it writable or {use.elsewhere}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise RunFolderError(f"run folder {str(run_dir)!r}: cannot lock {str(path)!r}: {e}") from None
-                raise RunFolderError(_busy_message(run_dir, read_holder(path))) from None
+                    raise RunFolderError(f"{use.what} {str(run_dir)!r}: cannot lock {str(path)!r}: {e}") from None
+                raise RunFolderError(_busy_message(run_dir, read_holder(path), use)) from None
             if _same_file(fd, path):
-                lock = cls(run_dir, fd, created_folder=created)
+                lock = cls(run_dir, fd, created_folder=created, name=use.lock)
                 lock._write_holder()
                 return lock
             os.close(fd)  # the previous holder unlinked the file between our open and flock: try again
-        raise RunFolderError(f"run folder {str(run_dir)!r}: {str(path)!r} keeps changing; is another run "
+        raise RunFolderError(f"{use.what} {str(run_dir)!r}: {str(path)!r} keeps changing; is another run "
                              f"starting there? Try again")
+
+    @staticmethod
+    def _remove_created(run_dir: Path, created: bool) -> None:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
     def _write_holder(self) -> None:
         previous = _parse_holder(os.pread(self._fd, 4096, 0))
@@ -120,8 +152,7 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
-        if self.created_folder and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-            self.run_dir.rmdir()
+        self._remove_created(self.run_dir, self.created_folder)
 
     def __enter__(self) -> "RunLock":
         return self
@@ -153,12 +184,11 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _busy_message(run_dir: Path, holder: Holder | None) -> str:
+def _busy_message(run_dir: Path, holder: Holder | None, use: FolderUse) -> str:
     who = str(holder) if holder is not None else "another process (its lock file names no holder yet)"
     command = f" (command: {holder.command})" if holder is not None and holder.command else ""
-    return (f"run folder {str(run_dir)!r} is in use by {who}{command}: two runs in one folder would overwrite "
-            f"each other's checkpoints. Wait for it to end (or stop it), or give this run another folder with "
-            f"experiment=NAME or --output-dir DIR")
+    return (f"{use.what} {str(run_dir)!r} is in use by {who}{command}: two runs in one folder would overwrite "
+            f"each other's {use.outputs}. Wait for it to end (or stop it), or {use.elsewhere}")
 
 
 # ----------------------------------------------------------------------------- rerun, resume, overwrite

@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -51,11 +51,12 @@ class EvalReport:
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint: str = "best", device: str = "cpu",
                  batch_size: int | None = None, out_dir: str | os.PathLike | None = None,
-                 pictures: bool = True) -> EvalReport:
+                 pictures: bool = True, overrides: Sequence[str] = ()) -> EvalReport:
     """Score `checkpoint` ("best", "last" or a path) of the run in `run_dir` on its `split` ("test" or "val").
 
     Writes `eval_<split>_<checkpoint>.json` and one `eval_<split>_<checkpoint>_confusion_<task>.png`
-    per multiclass / binary task into `out_dir` (default: the run folder).
+    per multiclass / binary task into `out_dir` (default: the run folder). `overrides`: `data.*`
+    keys of the run's config, as `key=value` (e.g. "data.root=/mnt/data" when the data moved).
     """
     from hrsel.engine.checkpoint import plain
     from hrsel.data.band_norm import with_band_norm
@@ -71,7 +72,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     file = resolve_checkpoint(run_dir, checkpoint)
     run_dir = run_dir if run_dir.is_dir() else file.parent
     model = load_model(file, device=device)
-    cfg = model.config
+    cfg = model.config = with_data_overrides(model.config, overrides)
     dataset, split_name = split_dataset(cfg, split, run_dir=run_dir)
     dataset = with_band_norm(dataset, run_band_norm(model))  # the run's data.band_norm, as in training
     size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
@@ -116,6 +117,33 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     log.info("%s on %s split %r (%d items): %s -> %s", file, split, split_name, len(dataset),
              ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), json_path)
     return EvalReport(metrics=metrics, confusion=confusion, record=record, json_path=json_path, pictures=drawn)
+
+
+def with_data_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """The run's config with `data.*` overrides applied (typed and checked as hrsel.train does)."""
+    from hrsel.config import apply_override, from_dict, to_dict, validate
+
+    if not overrides:
+        return cfg
+    other = [o for o in overrides if not o.partition("=")[0].strip().startswith("data.")]
+    if other:
+        raise ConfigError(f"hrsel.evaluate takes only data.* overrides (where and how the data is read), got "
+                          f"{other}: the model, training and seed keys are the run's own. Evaluate another run, "
+                          f"or train one with those settings")
+    raw = to_dict(cfg)
+    for item in overrides:
+        apply_override(raw, item)
+    changed = from_dict(raw)
+    validate(changed)
+    for item in overrides:
+        log.info("evaluating with %s (the run had %s)", item.strip(), _get(cfg, item.partition("=")[0].strip()))
+    return changed
+
+
+def _get(cfg: Any, key: str) -> Any:
+    section, _, leaf = key.partition(".")
+    part = getattr(cfg, section)
+    return getattr(part, leaf) if hasattr(part, leaf) else (getattr(part, "options", None) or {}).get(leaf)
 
 
 def split_dataset(cfg: Any, split: str, *, run_dir: Path) -> tuple[Any, str]:

@@ -11,12 +11,14 @@ after the tasks). Nothing here reads pixels: sources are opened when an item is 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from hrsel.data.csvfile import read_csv_text
 from hrsel.errors import DataError, HrselError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,13 @@ class PredictInput:
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] | None = None,
-                  class_names: dict[str, list[str]] | None = None) -> list[PredictInput]:
+                  class_names: dict[str, list[str]] | None = None,
+                  out_dir: str | os.PathLike | None = None) -> list[PredictInput]:
     """Resolve files, folders and manifests into the items to predict, in order; errors name the input.
 
-    `tasks` / `class_names` (the model's) say which manifest columns are labels."""
+    `tasks` / `class_names` (the model's) say which manifest columns are labels. A folder that is
+    `out_dir` or an earlier predict's output (it holds predictions.csv) contributes no file predict
+    wrote (heatmaps, score maps); any other file of a folder that is no image is named in a warning."""
     items: list[PredictInput] = []
     for raw in inputs:
         path = Path(raw)
@@ -48,7 +53,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] 
             raise ImageReadError(f"input {str(path)!r} does not exist; pass image files, folders, a manifest .csv "
                                  f"or feature caches (.h5)")
         if path.is_dir() and not _is_zarr(path):
-            found = _folder_items(path)
+            found = _folder_items(path, own_outputs=_holds_outputs(path, out_dir))
             if not found:
                 raise ImageReadError(f"folder {str(path)!r} holds no readable image or .h5 feature cache")
             items.extend(found)
@@ -71,12 +76,25 @@ def _is_zarr(path: Path) -> bool:
     return any((path / marker).exists() for marker in ZARR_MARKERS)
 
 
-def _folder_items(folder: Path) -> list[PredictInput]:
+def _holds_outputs(folder: Path, out_dir: str | os.PathLike | None) -> bool:
+    """`folder` is this predict's --out, or an earlier one's (its predictions.csv says so)."""
+    from hrsel.inference.outputs import PREDICTIONS
+
+    same = out_dir is not None and Path(out_dir).exists() and os.path.samefile(folder, out_dir)
+    return same or (folder / PREDICTIONS).is_file()
+
+
+def _folder_items(folder: Path, *, own_outputs: bool = False) -> list[PredictInput]:
+    """The images and .h5 caches directly in `folder`, sorted; with `own_outputs`, predict's files left out."""
+    from hrsel.inference.outputs import is_output
     from hrsel.io.factory import sniff_backend
 
-    items = []
+    items, skipped, outputs = [], [], 0
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
+            continue
+        if own_outputs and is_output(path):
+            outputs += 1
             continue
         if path.is_file() and path.suffix.lower() in BAG_SUFFIXES:
             items.append(PredictInput(path=path, kind="bag"))
@@ -85,10 +103,17 @@ def _folder_items(folder: Path) -> list[PredictInput]:
             continue
         try:
             sniff_backend(str(path))
-        except HrselError:
-            log.debug("skipping %s: not an image hrsel reads", path)
+        except HrselError as e:
+            skipped.append(f"{path.name} ({str(e).split('; ')[0]})")
             continue
         items.append(PredictInput(path=path, kind="image"))
+    if outputs:
+        log.info("folder %s: leaving out the %d file(s) hrsel.predict wrote there (heatmaps, score maps, tables)",
+                 folder, outputs)
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("folder %s: skipping %d file(s) that are no image hrsel reads: %s. Pass an image file itself "
+                    "to see why it cannot be read", folder, len(skipped), shown)
     return items
 
 
@@ -99,8 +124,7 @@ def read_manifest_inputs(path: Path, tasks: dict[str, Any] | None = None,
     With label columns, `hrsel.data.manifest.read_manifest` reads and checks it (every bad row in one
     DataError); a CSV of paths only is read here (the manifest data set needs labels).
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
+    header = [h.strip() for h in next(csv.reader(io.StringIO(read_csv_text(path), newline="")), [])]
     labelled = [t for t in (tasks or {}) if t in header]
     try:
         from hrsel.data.manifest import read_manifest
@@ -130,18 +154,17 @@ def _table_rows(table: Any):
 
 def _read_csv_manifest(path: Path, *, labelled: list[str]) -> list[PredictInput]:
     """A CSV with a `path` column (relative to the CSV's folder) and optional columns `labelled`."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise DataError(f"manifest {str(path)!r} has no 'path' column (columns: {reader.fieldnames}); "
-                            f"add a header row with 'path' and one column per task")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            value = (row.get("path") or "").strip()
-            if not value:
-                raise DataError(f"manifest {str(path)!r} line {line}: empty 'path'; fill it or delete the row")
-            target = Path(value) if Path(value).is_absolute() else path.parent / value
-            labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
-            items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
-                                      id=(row.get("id") or "").strip() or value))
+    reader = csv.DictReader(io.StringIO(read_csv_text(path), newline=""))
+    if reader.fieldnames is None or "path" not in reader.fieldnames:
+        raise DataError(f"manifest {str(path)!r} has no 'path' column (columns: {reader.fieldnames}); "
+                        f"add a header row with 'path' and one column per task")
+    items = []
+    for line, row in enumerate(reader, start=2):
+        value = (row.get("path") or "").strip()
+        if not value:
+            raise DataError(f"manifest {str(path)!r} line {line}: empty 'path'; fill it or delete the row")
+        target = Path(value) if Path(value).is_absolute() else path.parent / value
+        labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
+        items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
+                                  id=(row.get("id") or "").strip() or value))
     return items

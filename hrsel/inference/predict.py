@@ -8,6 +8,8 @@ probability of every class, `<task>/prob/<class>`), `<stem>.geojson` (the scored
 QuPath, see `geojson.py`), `<stem>_scores.zarr` (the score map as OME-Zarr for napari, see
 `scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False` skips it). With
 labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task.
+`out_dir` is locked while a predict runs, and both tables are written when every image is done,
+atomically (`outputs.py`); the files predict writes are never read back as inputs.
 
 Memory is the training pipeline's: images are lazy sources streamed in chunks by the pipeline,
 the picture reads a thumbnail and the K selected patches, and the outputs are built from the
@@ -17,6 +19,7 @@ autocast and the same RNG seed (`seed + 1`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -28,8 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hrsel.errors import DataError
+from hrsel.errors import DataError, SelectionError
 from hrsel.inference.inputs import PredictInput, expand_inputs
+from hrsel.inference.outputs import (MAP_SUFFIXES, METRICS, PREDICTIONS, TISSUE, claim_output_folder, write_table,
+                                     writing)
 from hrsel.inference.rows import csv_columns, encode_labels, prediction_row, probabilities, split_metrics
 
 log = logging.getLogger(__name__)
@@ -49,21 +54,33 @@ class PredictResult:
 
 def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, out_dir: str | Path,
                     batch_size: int = 1, num_workers: int = 0, pictures: bool = True, gallery: int = 8,
-                    progress: bool = False) -> PredictResult:
+                    progress: bool = False, claim: bool = True) -> PredictResult:
     """Predict every input (files, folders, manifest CSVs, .h5 caches; see `inputs.expand_inputs`).
 
     `model`: a `LoadedModel` (`hrsel.inference.load_model`). Images of one batch are run together
-    when they have the same size and channels (the pipelines batch images of one size).
+    when they have the same size and channels (the pipelines batch images of one size). `out_dir` is
+    locked for the run (`outputs.claim_output_folder`; `claim=False`: the caller holds the lock) and
+    its tables are written at the end, atomically.
     """
-    items: list[PredictInput] = []
-    for given in inputs:
-        items.extend([given] if isinstance(given, PredictInput) else
-                     expand_inputs([given], tasks=model.tasks, class_names=model.class_names))
     if batch_size < 1 or num_workers < 0:
         raise DataError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
-    targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = claim_output_folder(out_dir) if claim else None
+    try:
+        items: list[PredictInput] = []
+        for given in inputs:
+            items.extend([given] if isinstance(given, PredictInput) else
+                         expand_inputs([given], tasks=model.tasks, class_names=model.class_names, out_dir=out_dir))
+        return _predict(model, items, out_dir, batch_size=batch_size, num_workers=num_workers, pictures=pictures,
+                        gallery=gallery, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size: int, num_workers: int,
+             pictures: bool, gallery: int, progress: bool) -> PredictResult:
+    targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
     stems = unique_stems([item.path for item in items])
     columns = csv_columns(model, labelled=any(item.labels for item in items))
     target_mpp = (getattr(getattr(model.config, "data", None), "options", None) or {}).get("target_mpp")
@@ -74,11 +91,8 @@ def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, 
     kept_logits: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     kept_targets: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     cuda = model.device.type == "cuda"
-    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f, \
-            torch.random.fork_rng(devices=[model.device] if cuda else [], device_type="cuda" if cuda else "cpu"), \
+    with torch.random.fork_rng(devices=[model.device] if cuda else [], device_type="cuda" if cuda else "cpu"), \
             _bar(len(items), "images", progress) as overall:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
         torch.manual_seed(model.config.seed + 1)  # as the trainer's evaluation
         for batch in loader:
             for group in _groups(batch):
@@ -87,8 +101,6 @@ def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, 
                     k = entry["index"]
                     logits = {t: out.logits[t][j:j + 1].float().cpu() for t in model.tasks}
                     row = prediction_row(entry["input"], logits, model.tasks, model.class_names)
-                    writer.writerow(row)
-                    f.flush()
                     result.rows.append(row)
                     for t, target in targets[k].items():
                         kept_logits[t].append(logits[t])
@@ -96,14 +108,24 @@ def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, 
                     _write_maps(model, entry, out, j, out_dir / stems[k], row, result, pictures=pictures,
                                 gallery=gallery)
                     overall.update(1)
+    write_table(out_dir / PREDICTIONS, _csv_text(columns, result.rows))
     result.metrics = split_metrics(kept_logits, kept_targets, model.tasks)
     if result.metrics is not None:
-        (out_dir / "metrics.json").write_text(json.dumps(
+        write_table(out_dir / METRICS, json.dumps(
             {"metrics": result.metrics, "num_images": len(items),
              "num_labelled": {t: len(v) for t, v in kept_targets.items()},
-             "checkpoint": str(model.checkpoint_path)}, indent=2), encoding="utf-8")
+             "checkpoint": str(model.checkpoint_path)}, indent=2))
     log.info("predicted %d image(s) into %s", len(items), out_dir)
     return result
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """predictions.csv: a header of `columns`, one line per row."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 class _Inputs(Dataset):
@@ -163,7 +185,7 @@ def _tissue_cache(model: Any, out_dir: Path) -> Any:
         return None
     from hrsel.data.tissue_cache import TissueCache
 
-    return TissueCache(out_dir / "tissue", min_fraction=float(options.get("min_tissue_fraction", 0.5)),
+    return TissueCache(out_dir / TISSUE, min_fraction=float(options.get("min_tissue_fraction", 0.5)),
                        max_size=int(options.get("tissue_size", 1024)))
 
 
@@ -197,8 +219,13 @@ def _forward(model: Any, group: list[dict[str, Any]], *, progress: bool) -> Any:
     from hrsel.models.candidates import pipeline_inputs
 
     inputs = pipeline_inputs(pipeline, {"tissue": [entry.get("tissue") for entry in group]})
-    with _autocast(model), _patch_bar(pipeline, group, progress):
-        return pipeline(images, **inputs)
+    try:
+        with _autocast(model), _patch_bar(pipeline, group, progress):
+            return pipeline(images, **inputs)
+    except SelectionError as e:  # an image the run's grid does not fit (smaller than a patch, fewer than K)
+        names = ", ".join(str(entry["input"].path) for entry in group)
+        raise DataError(f"{names}: the run's pipeline cannot select patches of this image: {e}. Predict on images "
+                        f"like the run's training images (size, level), or train a run for these") from None
 
 
 def _autocast(model: Any):
@@ -250,19 +277,23 @@ def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path,
     f = float(getattr(source, "downsample", 1.0))  # a LevelView's pixels -> the slide's level-0 pixels
     slide_wh = tuple(source.source.dimensions) if f != 1.0 else image_wh
     stride = _stride(model.pipeline)
-    result.files["geojson"].append(write_geojson(base.with_name(base.name + ".geojson"), coords * f,
-                                                 (patch[0] * f, patch[1] * f), scores, selected, image_wh=slide_wh))
+    geojson, zarr_path, picture = (base.with_name(base.name + suffix) for suffix in MAP_SUFFIXES)
+    with writing(geojson):
+        result.files["geojson"].append(write_geojson(geojson, coords * f, (patch[0] * f, patch[1] * f), scores,
+                                                     selected, image_wh=slide_wh))
     grid = score_grid(coords * f, scores, patch_size=(patch[0] * f, patch[1] * f), selected=selected,
                       stride=None if stride is None else stride * f)
-    result.files["zarr"].append(write_ome_zarr(base.with_name(base.name + "_scores.zarr"), grid))
+    with writing(zarr_path):
+        result.files["zarr"].append(write_ome_zarr(zarr_path, grid))
     if pictures:
         from hrsel.inference.heatmap import save_heatmap_picture
 
         title = f"{entry['input'].path.name}\n" + "\n".join(
             f"{t}: {row[f'{t}/predicted'] or '(none)'} ({_top_prob(row, t)})" for t in model.tasks)
-        result.files["picture"].append(save_heatmap_picture(
-            base.with_name(base.name + "_heatmap.png"), source, image_wh=image_wh, coords=coords, patch_size=patch,
-            scores=scores, selected=selected, title=title, gallery=gallery))
+        with writing(picture):
+            result.files["picture"].append(save_heatmap_picture(
+                picture, source, image_wh=image_wh, coords=coords, patch_size=patch, scores=scores,
+                selected=selected, title=title, gallery=gallery))
 
 
 def _top_prob(row: dict[str, Any], task: str) -> str:

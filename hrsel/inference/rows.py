@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrsel.data.manifest_table import canonical_label
 from hrsel.errors import DataError
 from hrsel.inference.inputs import PredictInput
 from hrsel.tasks import TaskSpec
@@ -77,6 +78,8 @@ def encode_labels(item: PredictInput, tasks: dict[str, TaskSpec], class_names: d
         parts = [p.strip() for p in text.split("|") if p.strip()] if spec.kind == "multilabel" else [text]
         ids = []
         for part in parts:
+            if part not in names and canonical_label(part) in names:  # 1.0 names class 1
+                part = canonical_label(part)
             if part in names:
                 ids.append(names.index(part))
             elif part.lstrip("-").isdigit() and 0 <= int(part) < len(names):

@@ -7,7 +7,8 @@ Sources hand over their native dtype (uint8, uint16, float32; `hrsel.io.pixels`)
 
 - The default (`default_normalizer(dtype)`): uint8 / 255 (the fast path, unchanged), uint16 /
   65535, float as is (float pixels must then lie in [0, 1]: a `PixelTypeError` says to set
-  `data.band_norm` otherwise).
+  `data.band_norm` otherwise). Float pixels holding NaN or inf are refused whatever the
+  normalisation (`check_finite`).
 - `data.band_norm` in a config (`normalizer_from_spec`), in the pixels' own units:
   `{mean: [...], std: [...]}`, `{offset: [...], scale: [...]}` (e.g. `{scale: 4095}` for 12-bit
   data), or computed once over a sample of the training images (`compute_normalizer`):
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -54,6 +56,8 @@ class BandNormalizer:
             raise ValueError(f"offset has {len(self.offset)} bands but scale has {len(self.scale)}")
         if not all(np.isfinite(s) and s > 0 for s in self.scale):
             raise ValueError(f"every scale must be a positive number, got {list(self.scale)}")
+        if not all(np.isfinite(o) for o in self.offset):
+            raise ValueError(f"every offset must be a finite number, got {list(self.offset)}")
 
     @property
     def bands(self) -> int | None:
@@ -74,6 +78,8 @@ class BandNormalizer:
         if x.dtype == torch.uint8 and self.offset == (0.0,) and self.scale == (255.0,) and not self.clip:
             return x.float().div_(255.0)  # the uint8 fast path, unchanged
         out = x.float()
+        if x.is_floating_point():
+            check_finite(out, name=name, rule=self.rule)
         if self.check_unit_range and out.numel():
             lo, hi = float(out.amin()), float(out.amax())
             if not (lo >= -FLOAT_SLACK and hi <= 1.0 + FLOAT_SLACK):  # NaN fails too
@@ -113,6 +119,18 @@ class BandNormalizer:
                               "to compute it again from the training images") from None
 
 
+def check_finite(x: Any, *, name: str = "images", rule: str = "") -> None:
+    """Refuse float pixels holding NaN or inf (whatever the normalisation: it would spread them silently)."""
+    import torch
+
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        finite = x[torch.isfinite(x)]
+        seen = f"{float(finite.amin()):g}..{float(finite.amax()):g} and " if finite.numel() else ""
+        raise PixelTypeError(
+            f"{name} hold float pixels {seen}NaN or inf{f' (band normalisation: {rule})' if rule else ''}; hrsel "
+            "does not guess what NaN or inf stand for. Fix: replace them (np.nan_to_num) or mask them in the file")
+
+
 def to_float(x: Any, normalizer: BandNormalizer | None = None) -> Any:
     """(..., C, h, w) pixels -> float tensor: `normalizer`, else uint8 / 255 (the fast path), uint16 / 65535,
     other dtypes as they are. The one hand-over to float (`ImageBatch`, feature caches)."""
@@ -122,6 +140,8 @@ def to_float(x: Any, normalizer: BandNormalizer | None = None) -> Any:
         return normalizer(x)
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
+    if x.is_floating_point():
+        check_finite(x)
     return x.float().div_(65535.0) if x.dtype == torch.uint16 else x.float()
 
 
@@ -165,6 +185,9 @@ def check_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(f"config key '{key}.{name}' = {value!r}: give a number or one number per band"
                               + (", or 'auto' to compute it from the training images" if name in ("mean", "std")
                                  else ""))
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"config key '{key}.{name}' = {value!r}: every value must be a finite number (no "
+                              f".nan or .inf); give the band's {name} in the pixels' units")
         if name in ("std", "scale") and not all(v > 0 for v in values):
             raise ConfigError(f"config key '{key}.{name}' = {value!r}: every value must be positive")
     if (spec.get("mean") == "auto") != (spec.get("std") == "auto"):

@@ -64,8 +64,13 @@ class PositionalEncoding(nn.Module):
             return x
         num = self.table.shape[0]
         if positions.dtype != torch.int64 and positions.shape[-1] != num:
-            raise ValueError(f"positions have {positions.shape[-1]} grid cells but pos_encoding {self.kind!r} was "
-                             f"built for model.num_positions={num}; set it to the score grid's cell count")
+            raise ConfigError(f"positions have {positions.shape[-1]} grid cells but pos_encoding {self.kind!r} was "
+                              f"built for model.num_positions={num}; set it to the score grid's cell count")
+        if positions.dtype == torch.int64 and positions.numel() and int(positions.max()) >= num:
+            raise ConfigError(f"a selected patch has grid position {int(positions.max())}, but pos_encoding "
+                              f"{self.kind!r} was built for model.num_positions={num} positions; set "
+                              f"model.num_positions to the score grid's cell count (at least "
+                              f"{int(positions.max()) + 1} here), or model.pos_encoding=none")
         if positions.dtype == torch.int64:  # (B, K) raster indices; -1 = absent
             pos = self.table[positions.clamp_min(0)]  # (B, K, D)
         else:

@@ -32,6 +32,7 @@ from hrsel.models.heads import is_correct
 from hrsel.models.patches import ImageBatch
 from hrsel.models.pipeline import Pipeline, PipelineOutput
 from hrsel.models.scorers import build_scorer
+from hrsel.models.torch_file import load_weights_only
 from hrsel.select.extract import GridGeometry
 from hrsel.select.policy import (apply_curriculum, bound_probs, curriculum_free, greedy_actions, log_prob,
                                  patchdrop_reward, reinforce_loss, sample_actions, self_critical_advantage,
@@ -204,8 +205,12 @@ def load_part(module: nn.Module, path: str, *, prefix: str, option: str) -> None
     if not file.is_file():
         raise ConfigError(f"model.{option}: no checkpoint at {str(file)!r}; give a .pt file or a run folder "
                           "holding best.pt")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    state = state.get("model", state)
+    fix = f". Give model.{option} a checkpoint hrsel wrote (a run's best.pt or last.pt)"
+    state = load_weights_only(file, advice=fix)  # a pickle with code in it is refused before it runs
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.{option}: {str(file)!r} holds a {type(state).__name__}, not a hrsel checkpoint "
+                          f"(a mapping of weights){fix}")
     part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not part:
         raise ConfigError(f"model.{option}: {str(file)!r} holds no {prefix}.* weights; give the checkpoint of a "

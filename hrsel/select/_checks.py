@@ -109,3 +109,11 @@ def check_positive_int(value: int, name: str) -> None:
 def check_non_negative(value: float, name: str) -> None:
     if not (0 <= value < float("inf")):  # also rejects NaN
         raise SelectionError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_generator(generator: object, name: str = "generator") -> None:
+    """None (the global RNG) or a torch.Generator; anything else (numpy's, random.Random) is named."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SelectionError(f"{name} must be a torch.Generator or None, got {type(generator).__module__}."
+                             f"{type(generator).__qualname__}; make one with torch.Generator().manual_seed(seed) "
+                             "(numpy and random generators do not drive torch's sampling)")

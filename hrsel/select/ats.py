@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from hrsel.errors import SelectionError
-from hrsel.select._checks import check_finite, check_k, check_probabilities, check_scores
+from hrsel.select._checks import check_finite, check_generator, check_k, check_probabilities, check_scores
 
 
 def smoothed_attention(logits: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
@@ -52,6 +52,7 @@ def sample_without_replacement(attention: torch.Tensor, k: int, *,
     """(B, N) probabilities -> (B, K) indices in the order drawn (Gumbel top-K)."""
     check_probabilities(attention, "attention", hint="pass a distribution, e.g. `smoothed_attention(logits)`")
     check_k(k, attention.shape[1])
+    check_generator(generator)
     u = torch.rand(attention.shape, generator=generator, device=attention.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     keys = attention.detach().double().clamp_min(1e-300).log() + gumbel

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from hrsel.errors import SelectionError
-from hrsel.select._checks import check_positive_int, nonfinite_message
+from hrsel.select._checks import check_generator, check_positive_int, nonfinite_message
 
 # (items (B, n, ...), mask (B, n) bool, indices (B, n) int64) -> scores (B, n)
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +75,7 @@ def iterative_topm(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, m: in
             (checked once, after the stream: the message names the batch row and the item index).
     """
     check_positive_int(m, "m")
+    check_generator(generator)
     buf = None  # (indices, items, scores, mask, keys)
     arrived = 0
     nonfinite = None  # per row: first stream index with a non-finite score, and that score

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from hrsel.select._checks import check_k, check_non_negative, check_positive_int, check_scores
+from hrsel.select._checks import check_generator, check_k, check_non_negative, check_positive_int, check_scores
 from hrsel.select.topk import hard_topk, hard_topk_indicators
 
 # Noise chunk: about this many float32 values (16 MB) per chunk of samples.
@@ -142,4 +142,5 @@ def perturbed_topk(
     check_k(k, scores.shape[1])
     check_non_negative(sigma, "sigma")
     check_positive_int(num_samples, "num_samples")
+    check_generator(generator)
     return PerturbedTopK.apply(scores, k, float(sigma), num_samples, generator, variance_reduction)

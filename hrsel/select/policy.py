@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hrsel.errors import SelectionError
-from hrsel.select._checks import check_probabilities
+from hrsel.select._checks import check_generator, check_probabilities
 
 _PROBS_HINT = "the policy must output keep probabilities, e.g. a sigmoid of its logits"
 
@@ -42,6 +42,7 @@ def greedy_actions(probs: torch.Tensor) -> torch.Tensor:
 def sample_actions(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, N) keep probabilities -> (B, N) float actions ~ Bernoulli(p), no gradient."""
     check_probabilities(probs, "keep probabilities", hint=_PROBS_HINT, matrix=False)
+    check_generator(generator)
     u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
     return (u < probs.detach()).to(probs.dtype)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from hrsel.errors import SelectionError
-from hrsel.select._checks import check_k, check_positive_int, check_scores
+from hrsel.select._checks import check_finite, check_k, check_positive_int, check_scores
 from hrsel.select.scores import normalize_scores
 
 _CHECK_EVERY = 10
@@ -82,6 +82,17 @@ class SinkhornPlan(torch.autograd.Function):
         return grad_cost, None, None, None, None, None, None
 
 
+def _check_epsilon(epsilon: float, k: int, dtype: torch.dtype) -> None:
+    """The plan is solved at epsilon / k: below the dtype's resolution its entries are rounding noise."""
+    resolution = torch.finfo(dtype).eps
+    if epsilon / k < resolution:
+        raise SelectionError(
+            f"epsilon={epsilon!r} is too small for {str(dtype).replace('torch.', '')} scores at k={k}: the plan is "
+            f"solved at epsilon / k = {epsilon / k:.3g}, below the dtype's resolution {resolution:.3g}, so it "
+            f"would be rounding noise (inf, or rows that do not sum to 1). Use epsilon >= {k * resolution:.3g} "
+            f"(the DPS JAX config: 1e-4 with 2000 iterations) or float64 scores")
+
+
 def sinkhorn_topk(
     scores: torch.Tensor,
     k: int,
@@ -99,7 +110,9 @@ def sinkhorn_topk(
     0.1 is the former default (1e-2 with anchors at j/k) at k = 10. Iterations stop early
     once the row marginals are within `tol` (relative); tol = 0 runs all of them, as JAX does.
     The JAX code returns the columns anchor 1 first (rank k first); here rank 1 comes first.
-    Scores must be finite and the batch non-empty (SelectionError naming the batch row).
+    Scores must be finite and the batch non-empty (SelectionError naming the batch row); an
+    epsilon below k times the dtype's resolution (float32: k * 1.2e-7), where the plan is rounding
+    noise, is a SelectionError naming it.
     """
     check_scores(scores)
     n = scores.shape[1]
@@ -110,6 +123,7 @@ def sinkhorn_topk(
     if not 0 <= tol < float("inf"):
         raise SelectionError(f"tol must be a finite number >= 0, got {tol!r}")
     x = normalize_scores(scores).to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    _check_epsilon(epsilon, k, x.dtype)
     b = x.shape[0]
     j = torch.arange(k + 1, device=x.device, dtype=x.dtype)  # anchor 0: "not selected"; anchor j: rank k + 1 - j
     mass = torch.full((k + 1,), 1.0 / n, device=x.device, dtype=x.dtype)
@@ -122,5 +136,8 @@ def sinkhorn_topk(
     log_mu = torch.full((b, n), -torch.log(torch.tensor(float(n))).item(), device=x.device, dtype=x.dtype)
     log_nu = mass.log().expand(b, -1).contiguous()
     plan = SinkhornPlan.apply(cost, log_mu, log_nu, g_init, float(epsilon) / k, iterations, float(tol))
+    check_finite(plan, "the Sinkhorn transport plan", hint=(
+        f"epsilon={epsilon!r} is too small for these scores: exp((f + g - cost) / (epsilon / k)) overflows. "
+        f"Raise epsilon (the DPS JAX config uses 1e-4 with 2000 iterations) or pass float64 scores"))
     ranks = plan[:, :, -k:].flip(dims=(2,)) * n  # (B, n, k), rank 1 first
     return ranks.transpose(1, 2).to(scores.dtype)
