@@ -140,8 +140,8 @@ DATA=$WORK/megapixel_mnist
 RUNS=$WORK/runs
 if [ $DRY = 1 ]; then
   SIDE=200; N_TRAIN=32; N_TEST=16; BATCH=4; WORKERS=2; PROBE_STEPS=1; LIMIT_EVAL=4
-  SIZE=(data.batch_size=$BATCH data.eval_batch_size=$BATCH data.num_workers=0 model.num_selected=4
-        model.chunk_size=8 model.num_positions=16)
+  SIZE=(data.batch_size=$BATCH data.eval_batch_size=$BATCH data.num_workers=0 model.k=4
+        model.score_chunk=8 model.num_positions=16)
 else
   SIDE=1500; N_TRAIN=5000; N_TEST=1000; BATCH=16; WORKERS=16; PROBE_STEPS=40; LIMIT_EVAL=500
   SIZE=(data.num_workers=12)

@@ -115,13 +115,13 @@ def pipeline_options(method: str, quick: bool, backbone: str) -> dict:
     patch = 64 if quick else 128
     common = dict(in_chans=3, **BACKBONES[backbone])
     if method == "ips":
-        return dict(common, patch_size=patch, num_selected=8, chunk_size=64,
+        return dict(common, patch_size=patch, k=8, score_chunk=64,
                     aggregator_options={"heads": 8, "head_dim": 64, "mlp_dim": 2048})
     if method == "dps":
         return dict(common, patch_size=patch, k=8, downscale=16, num_samples=100, extract_chunk=256)
     if method == "dps_candidates":
         # the scorer sees 16 x 16 pixels of each patch (it needs at least 9 x 9), with --quick too
-        return dict(common, patch_size=patch, k=8, num_candidates=32, score_chunk=256, score_downscale=patch // 16,
+        return dict(common, patch_size=patch, k=8, num_candidates=32, score_chunk=256, downscale=patch // 16,
                     num_samples=100)
     if method == "cnn":
         return dict(common, downscale=1)

@@ -57,7 +57,7 @@ def build_scoring_pass(args, device):
     from hrsel.tasks import TaskSpec
 
     model = build_pipeline("ips", tasks={"label": TaskSpec("binary", 1)}, patch_size=args.patch,
-                           num_selected=args.m, chunk_size=args.chunk, backbone=args.backbone,
+                           k=args.m, score_chunk=args.chunk, backbone=args.backbone,
                            backbone_options=dict(last_stage=args.last_stage)).to(device).eval()
 
     def encode(patches: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def ips_setup(n: int, quick: bool) -> dict:
     if not quick:
         tasks = {"majority": TaskSpec("multiclass", 10), "max": TaskSpec("multiclass", 10),
                  "top": TaskSpec("multiclass", 10), "multi": TaskSpec("multilabel", 10)}
-    options = dict(in_chans=1, patch_size=patch, num_selected=m, chunk_size=m, backbone="resnet18",
+    options = dict(in_chans=1, patch_size=patch, k=m, score_chunk=m, backbone="resnet18",
                    backbone_options={"last_stage": "layer2"},
                    aggregator_options={"heads": 8, "head_dim": 16, "mlp_dim": 512, "dropout": 0.1},
                    pos_encoding="sincos", num_positions=n, mode="lazy")
@@ -92,7 +92,7 @@ def dps_setup(kind: str, quick: bool) -> dict:
         options = dict(common, patch_size=32 if quick else 100, downscale=3, scorer="dps")
     else:  # quick: 4 x 4 patches of 32 at stride 24
         options = dict(common, patch_size=32 if quick else 100, stride=24, num_candidates=4 if quick else 20,
-                       score_downscale=3, score_chunk=256, scorer="dps")
+                       downscale=3, score_chunk=256, scorer="dps")
     return dict(name=kind, tasks=tasks, options=options, image_hw=hw, channels=3, lr=1e-4, weight_decay=1e-4)
 
 
@@ -231,7 +231,7 @@ class PlainIPS(nn.Module):
         self.mil = PlainMIL(128, len(setup["tasks"]), a["heads"], a["head_dim"], a["mlp_dim"], a["dropout"],
                             o["num_positions"])
         self.heads = nn.ModuleDict({name: nn.Linear(128, spec.num_classes) for name, spec in setup["tasks"].items()})
-        self.patch, self.m, self.i = o["patch_size"], o["num_selected"], o["chunk_size"]
+        self.patch, self.m, self.i = o["patch_size"], o["k"], o["score_chunk"]
 
     def encode(self, patches):  # (B, n, C, p, p) -> (B, n, D)
         b, n = patches.shape[:2]
@@ -360,7 +360,7 @@ class PlainDPS(nn.Module):
 
     def patch_scores(self, patches):  # (B, n, C, p, p) -> (B, n)
         b, n = patches.shape[:2]
-        small = F.avg_pool2d(patches.reshape(b * n, *patches.shape[2:]), self.o["score_downscale"])
+        small = F.avg_pool2d(patches.reshape(b * n, *patches.shape[2:]), self.o["downscale"])
         return self.scorer(small).amax(dim=(1, 2, 3)).view(b, n)
 
     def forward(self, images):

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hrsel.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="overrides: dotted keys, typed like the YAML value, e.g. optim.lr=3e-4 "
-                                       "data.batch_size=8 model.num_selected=50")
+                                       "data.batch_size=8 model.k=50")
     p.add_argument("args", nargs="*", metavar="CONFIG [key.sub=value ...]")
     p.add_argument("--print-config", action="store_true",
                    help="check the config like a run does, print it resolved and exit (touches no data or disk)")
@@ -340,11 +340,10 @@ def dry_run(cfg: Config, pipeline: Any, dataset: Any, collate: Any) -> None:
     num_patches = None if out.scores is None else out.scores.shape[-1]
     if is_feature_bags(images):  # bag lengths vary by slide; IPS keeps all of a bag shorter than M
         num_patches = None
-    for key in ("k", "num_selected"):
-        value = cfg.model.options.get(key)
-        if num_patches is not None and isinstance(value, int) and value > num_patches:
-            raise ConfigError(f"config key 'model.{key}' = {value} is more than the {num_patches} patches of "
-                              f"an image of this data set; choose model.{key} <= {num_patches} or smaller patches")
+    value = cfg.model.options.get("k")
+    if num_patches is not None and isinstance(value, int) and value > num_patches:
+        raise ConfigError(f"config key 'model.k' = {value} is more than the {num_patches} patches of an image of "
+                          f"this data set; choose model.k <= {num_patches} or smaller patches")
 
 
 def _size_options(cfg: Config) -> str:

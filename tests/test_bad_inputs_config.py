@@ -74,7 +74,7 @@ def test_the_base_config_passes_preflight(config_file):
     ("data.num_worker=2", "data.num_workers"),
     ("data.val_spilt=holdout", "data.val_split"),
     ("data.taks=[majority]", "data.tasks"),
-    ("model.num_selectd=5", "model.num_selected"),
+    ("model.num_selectd=5", "model.k"),  # the old name of model.k, misspelt
     ("model.aggregator_options.headz=3", "model.aggregator_options.heads"),
     ("model.backbone_options.last_stge=layer2", "model.backbone_options.last_stage"),
     ("data.generate.n_trian=10", "data.generate.n_train"),
@@ -145,7 +145,7 @@ def test_unknown_name_lists_the_valid_ones(config_file, overrides, key, names):
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["data.batch_size=0"], "data.batch_size", "> 0"),
-    (["model.num_selected=0"], "model.num_selected", "> 0"),
+    (["model.k=0"], "model.k", "> 0"),
     (["model.name=dps", "model.k=-2"], "model.k", "> 0"),
     (["model.aggregator_options={heads: 0}"], "model.aggregator_options.heads", "> 0"),
     (["model.name=cnn", "model.backbone=narrow_resnet", "model.backbone_options={strides: [1, 0]}"],

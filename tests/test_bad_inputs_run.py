@@ -42,7 +42,7 @@ output_dir: {runs}
 device: cpu
 data: {{name: megapixel_mnist, root: {root}, batch_size: 4, eval_batch_size: 4, tasks: [majority]}}
 model: {{name: ips, in_chans: 1, backbone: narrow_resnet, backbone_options: {cnn}, patch_size: 32,
-        num_selected: 3, chunk_size: 4}}
+        k: 3, score_chunk: 4}}
 optim: {{lr: 0.001}}
 train: {{epochs: 1, progress_bar: false}}
 eval: {{pictures: 0}}
@@ -186,7 +186,7 @@ CASES = {
     "missing_data_root": Case(lambda c: [_cfg(c), f"data.root={c.tmp / 'nowhere'}"],
                               lambda c: ["data.root", str(c.tmp / "nowhere")]),
     "model_key_typo": Case(lambda c: [_cfg(c), "model.num_selectd=2"], lambda c: ["model.num_selectd",
-                                                                                   "model.num_selected"]),
+                                                                                   "model.k"]),
     "data_option_typo": Case(lambda c: [_cfg(c), "data.taks=[majority]"], lambda c: ["data.taks", "data.tasks"]),
     "invalid_yaml": Case(lambda c: [_variant(c, lambda t: t + "\ntrain: [unclosed\n", "broken.yaml")],
                          lambda c: ["broken.yaml", "YAML"]),
@@ -195,8 +195,8 @@ CASES = {
     "missing_config_file": Case(lambda c: [str(c.tmp / "nope.yaml")], lambda c: ["nope.yaml"]),
     "two_config_files": Case(lambda c: [_cfg(c), "other.yaml"], lambda c: ["unexpected arguments", "other.yaml"]),
     "no_config": Case(lambda c: ["train.epochs=2"], lambda c: ["no CONFIG", "--resume"]),
-    "k_larger_than_grid_with_overwrite": Case(lambda c: [_cfg(c), "--overwrite", "model.num_selected=50"],
-                                              lambda c: ["model.num_selected", "50", "16 patches"],
+    "k_larger_than_grid_with_overwrite": Case(lambda c: [_cfg(c), "--overwrite", "model.k=50"],
+                                              lambda c: ["model.k", "50", "16 patches"],
                                               data_work=True),
     "patch_larger_than_image_with_overwrite": Case(lambda c: [_cfg(c), "--overwrite", "model.patch_size=256"],
                                                    lambda c: ["model.patch_size=256", "smaller than patch_size=256"],
@@ -228,9 +228,9 @@ CASES = {
                                lambda c: ["device", "gpu7"]),
     # --print-config checks like a run does, and writes nothing
     "print_config_model_typo": Case(lambda c: [_cfg(c), "--print-config", "model.num_selectd=2"],
-                                    lambda c: ["model.num_selectd", "model.num_selected"]),
+                                    lambda c: ["model.num_selectd", "model.k"]),
     "print_config_pipeline_option_typo": Case(lambda c: [_cfg(c), "--print-config", "model.chunk_sise=2"],
-                                              lambda c: ["model.chunk_sise", "model.chunk_size"]),
+                                              lambda c: ["model.chunk_sise", "model.score_chunk"]),
     "print_config_missing_root": Case(lambda c: [_cfg(c), "--print-config", f"data.root={c.tmp / 'gone'}"],
                                       lambda c: ["data.root", "gone"]),
     "print_config_bad_device": Case(lambda c: [_cfg(c), "--print-config", "--device", "gpu7"],
@@ -252,8 +252,8 @@ CASES = {
     "resume_lr_override": Case(lambda c: ["--resume", str(c.target), "optim.lr=0.5"],
                                lambda c: ["optim.lr", "0.001", "0.5", str(c.target / "config.yaml")]),
     "resume_seed_flag": Case(lambda c: ["--resume", str(c.target), "--seed", "7"], lambda c: ["seed", "7"]),
-    "resume_model_option": Case(lambda c: ["--resume", str(c.target), "model.num_selected=2"],
-                                lambda c: ["model.num_selected", "3", "2"]),
+    "resume_model_option": Case(lambda c: ["--resume", str(c.target), "model.k=2"],
+                                lambda c: ["model.k", "3", "2"]),
     "resume_safe_key_bad_value": Case(lambda c: ["--resume", str(c.target), "train.epochs=0"],
                                       lambda c: ["train.epochs", "0"]),
     "resume_model_typo": Case(lambda c: ["--resume", str(c.target), "model.num_selectd=2"],
@@ -364,7 +364,7 @@ def test_resume_takes_the_run_folder_or_a_checkpoint_in_it(target, finished, cap
                    "cpu"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 3  # a safe change
-    assert printed["optim"]["lr"] == 0.001 and printed["model"]["num_selected"] == 3  # the run's own
+    assert printed["optim"]["lr"] == 0.001 and printed["model"]["k"] == 3  # the run's own
     assert Path(printed["output_dir"]) / printed["experiment"] == finished.run
     assert_untouched(finished.run, finished.files)
 
@@ -397,8 +397,8 @@ def test_overwrite_moves_the_previous_run_aside_byte_for_byte(finished, tmp_path
 def test_a_failed_dry_run_leaves_no_run_folder(finished, tmp_path, capsys):
     config = tmp_path / "fresh.yaml"
     config.write_text(finished.config.read_text().replace(str(finished.base / "runs"), str(tmp_path / "runs")))
-    assert T.main([str(config), "model.num_selected=50"]) == 2  # fails in the dry run, after the lock
-    assert "model.num_selected" in capsys.readouterr().err
+    assert T.main([str(config), "model.k=50"]) == 2  # fails in the dry run, after the lock
+    assert "model.k" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "done").exists()  # the folder it created for its lock is gone again
 
 

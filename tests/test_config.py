@@ -25,7 +25,7 @@ def config_file(tmp_path):
         "experiment": "exp",
         "output_dir": str(tmp_path / "runs"),
         "data": {"name": "megapixel_mnist", "root": str(tmp_path / "data"), "batch_size": 4},
-        "model": {"name": "ips", "patch_size": 50, "num_selected": 10},
+        "model": {"name": "ips", "patch_size": 50, "k": 10},
         "optim": {"lr": 0.001, "betas": [0.9, 0.99]},
         "train": {"epochs": 3},
     }))
@@ -52,12 +52,12 @@ def test_model_options_of_every_config_match_their_pipeline():
 
 def test_overrides_are_typed_like_the_yaml_value(config_file):
     cfg = load_config(config_file, ["optim.lr=3e-4", "train.epochs=7", "train.compile=true",
-                                    "optim.betas=[0.8, 0.95]", "model.num_selected=20", "model.mode=eager",
+                                    "optim.betas=[0.8, 0.95]", "model.k=20", "model.mode=eager",
                                     "data.options.tasks=[majority]"])
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 7 and cfg.train.compile is True
     assert cfg.optim.betas == [0.8, 0.95]
-    assert cfg.model.options == {"patch_size": 50, "num_selected": 20, "mode": "eager"}
+    assert cfg.model.options == {"patch_size": 50, "k": 20, "mode": "eager"}
     assert cfg.data.options == {"tasks": ["majority"]}
 
 
@@ -65,7 +65,7 @@ def test_overrides_are_typed_like_the_yaml_value(config_file):
     ("train.epochs=abc", ["train.epochs", "'abc'", "int"]),
     ("optim.lr=fast", ["optim.lr", "'fast'", "float"]),
     ("train.compile=2", ["train.compile", "bool"]),
-    ("model.num_selected=many", ["model.num_selected", "'many'", "int"]),
+    ("model.k=many", ["model.k", "'many'", "int"]),
     ("optim.betas=0.9", ["optim.betas", "list"]),
 ])
 def test_wrong_type_names_key_and_value(config_file, override, words):
@@ -95,13 +95,13 @@ def test_unknown_yaml_key_names_closest_key(tmp_path):
 def test_unknown_model_option_names_closest_option():
     from hrsel.models import PIPELINES
 
-    with pytest.raises(ConfigError, match=r"'model.num_selectd'.*Did you mean 'model.num_selected'"):
+    with pytest.raises(ConfigError, match=r"'model.num_selectd'.*Did you mean 'model.k'"):  # its old name, misspelt
         check_builder_options("model", "ips", {"num_selectd": 5}, PIPELINES.get("ips"), supplied=("tasks",))
 
 
 @pytest.mark.parametrize("override, key", [
     ("data.batch_size=0", "data.batch_size"), ("train.epochs=-1", "train.epochs"),
-    ("model.num_selected=0", "model.num_selected"), ("optim.schedule=cosin", "optim.schedule"),
+    ("model.k=0", "model.k"), ("optim.schedule=cosin", "optim.schedule"),
     ("optim.lr=0", "optim.lr"),
 ])
 def test_impossible_values_are_rejected(config_file, override, key):
@@ -156,7 +156,7 @@ def test_cli_print_config_shows_overrides_and_flags(config_file, capsys):
                  "--output-dir", "elsewhere"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 9 and printed["seed"] == 5 and printed["device"] == "cpu"
-    assert printed["output_dir"] == "elsewhere" and printed["model"]["num_selected"] == 10
+    assert printed["output_dir"] == "elsewhere" and printed["model"]["k"] == 10
 
 
 def test_data_options_of_configs_match_their_data_set():

@@ -3,7 +3,7 @@
 Each config runs on tiny data written in its data set's exact on-disk format
 (fixtures_data.py). The overrides only shrink what a CPU test must: the data folder,
 item counts, batch sizes, one update, one picture, and the sizes that tie the model to
-the image (patch size, K / M / I, positional table); every other model option is the config's,
+the image (patch size, K (IPS's M), I, positional table); every other model option is the config's,
 so the real architecture is what gets built. A new config is covered automatically.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fixtures_data import (make_billiard, make_camelyon, make_camelyon_features,
 from toy_bright import one_torch_thread  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # the experiments; their bases live in configs/base/
 ITEMS = 2  # training and test items, and the batch size: one update, one evaluation batch
 
 
@@ -43,19 +43,19 @@ class Tiny:
 
 TINY = {
     "megapixel_mnist": Tiny(make_megapixel_mnist, (), (140, 140),  # the generator's canvas
-                            {"patch_size": 28, "stride": 28, "k": 8, "num_selected": 8, "chunk_size": 8}),
+                            {"patch_size": 28, "stride": 28, "k": 8, "score_chunk": 8}),
     # 960x1280 JPEGs on disk (the format checks it), resized by the data set's own image_size option
     "traffic": Tiny(make_traffic, ("data.image_size=[192, 256]",), (192, 256), {"patch_size": 20}),
     "billiard": Tiny(make_billiard, ("data.image_size=[160, 160]", "data.padded_size=176"), (160, 160),
                      {"patch_size": 20}),
     "cub200": Tiny(make_cub, ("data.resize=80", "data.crop=64"), (64, 64), {"patch_size": 32}),
     "camelyon16": Tiny(make_camelyon, ("data.patch_size=64",), None, {"patch_size": 64}),
-    "features": Tiny(make_camelyon_features, (), None, {"num_selected": 4, "chunk_size": 4}),
-    "camelyon16_features": Tiny(make_camelyon_features, (), None, {"num_selected": 4, "chunk_size": 4}),
+    "features": Tiny(make_camelyon_features, (), None, {"k": 4, "score_chunk": 4}),
+    "camelyon16_features": Tiny(make_camelyon_features, (), None, {"k": 4, "score_chunk": 4}),
     # 256x256 JPEG TIFF pyramids at 0.25 um/px: target_mpp 0.5 reads their 128x128 level 1
-    "manifest": Tiny(make_manifest, (), (128, 128), {"patch_size": 32, "num_selected": 4, "chunk_size": 8}),
+    "manifest": Tiny(make_manifest, (), (128, 128), {"patch_size": 32, "k": 4, "score_chunk": 8}),
 }
-SHRUNK_MODEL_KEYS = {"patch_size", "stride", "k", "num_selected", "chunk_size", "num_positions"}
+SHRUNK_MODEL_KEYS = {"patch_size", "stride", "k", "score_chunk", "num_positions"}
 
 
 @pytest.fixture(scope="module")

@@ -248,8 +248,8 @@ def test_manifest_example_trains_one_epoch_through_the_cli(tmp_path, capsys):
     (root / "slides.csv").write_text(text)  # no split column: seeded test split, validation held out
     args = [str(REPO / "configs/manifest_example.yaml"), f"data.root={root}", "data.num_workers=0",
             "data.batch_size=2", "train.epochs=1", "train.progress_bar=false", "eval.pictures=1",
-            "data.test_fraction=0.34", "data.val_fraction=0.25", "model.patch_size=32", "model.num_selected=4",
-            "model.chunk_size=8", f"--output-dir={tmp_path / 'runs'}", "--device=cpu"]
+            "data.test_fraction=0.34", "data.val_fraction=0.25", "model.patch_size=32", "model.k=4",
+            "model.score_chunk=8", f"--output-dir={tmp_path / 'runs'}", "--device=cpu"]
     code = main(args)
     assert code == 0, capsys.readouterr().err[-3000:]
     run = tmp_path / "runs/manifest_example"

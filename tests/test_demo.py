@@ -86,7 +86,7 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     cfg["data"].update(root=str(tmp_path / "mnist"), batch_size=4, eval_batch_size=4, generate_if_missing=True)
     cfg["data"]["generate"].update(width=128, height=128, n_train=8, n_test=4, n_noise=1, digits="mnist",
                                    mnist_dir=str(idx))
-    cfg["model"].update(patch_size=32, stride=32, num_selected=2, chunk_size=16, pos_encoding="none",
+    cfg["model"].update(patch_size=32, stride=32, k=2, score_chunk=16, pos_encoding="none",
                         backbone_options={"width": 8, "strides": [2, 2, 2, 2], "blocks": [1, 1, 1, 1],
                                           "weights_path": str(tmp_path / "warm" / "enc.pt")})
     cfg["train"].update(epochs=1, eval_every=1, progress_bar=False)

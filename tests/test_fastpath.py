@@ -54,7 +54,7 @@ def test_encode_eval_passes_feature_bags_through():
 
 
 def test_prepare_for_device_sets_the_memory_format_of_convolutions_only():
-    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, num_selected=2, chunk_size=4,
+    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, k=2, score_chunk=4,
                            backbone="narrow_resnet", backbone_options={"width": 8, "strides": [2], "blocks": [1]})
     prepare_for_device(model, "cpu")
     conv = model.classifier.backbone.body[3].conv1.weight  # (8, 8, 3, 3): the two layouts differ
@@ -87,7 +87,7 @@ def _sparse_images(batch: int = 3, side: int = 64) -> torch.Tensor:
 
 def _ips_step(fast: bool, images: torch.Tensor):
     torch.manual_seed(0)
-    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, stride=8, num_selected=4, chunk_size=5,
+    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, stride=8, k=4, score_chunk=5,
                            backbone="narrow_resnet", backbone_options={"width": 8, "strides": [2, 2], "blocks": [1, 1]},
                            shuffle=False, score_batch=3 if fast else None)
     model = prepare_for_device(model, "cpu", channels_last=fast).train()
@@ -133,7 +133,7 @@ def test_ips_under_bf16_autocast_selects_and_learns_on_the_cpu():
     """The GPU's bf16 path at small size: both passes under autocast, scores recorded as float."""
     images = _sparse_images()
     torch.manual_seed(0)
-    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, stride=8, num_selected=4, chunk_size=5,
+    model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, stride=8, k=4, score_chunk=5,
                            backbone="narrow_resnet", backbone_options={"width": 8, "strides": [2, 2], "blocks": [1, 1]})
     model = prepare_for_device(model, "cpu").train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,7 +149,7 @@ def test_compiled_scorer_selects_the_same_patches():
     picked = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, num_selected=3, chunk_size=9,
+        model = build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, k=3, score_chunk=9,
                                backbone="narrow_resnet", backbone_options={"width": 4, "strides": [2], "blocks": [1]},
                                shuffle=False, score_batch=None, compile_scorer=compiled)
         picked.append(model.eval()(images).indices)
@@ -167,7 +167,7 @@ def test_host_to_device_keeps_pixels_and_dtype():
 
 def _ips(**options):
     torch.manual_seed(0)
-    return build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, num_selected=4, chunk_size=5,
+    return build_pipeline("ips", tasks=TASKS, in_chans=1, patch_size=16, k=4, score_chunk=5,
                           backbone="narrow_resnet", backbone_options={"width": 8, "strides": [2], "blocks": [1]},
                           shuffle=False, **options).eval()
 
@@ -249,7 +249,7 @@ def test_ips_scoring_backbone_is_refreshed_every_pass_and_not_in_the_state_dict(
 
 def test_a_backbone_fx_cannot_trace_scores_with_the_live_module():
     model = build_pipeline("ips", tasks=TASKS, backbone="feature_projector", backbone_options={"in_dim": 12, "dim": 8},
-                           num_selected=2, chunk_size=3).eval()  # its forward checks the input shape: untraceable
+                           k=2, score_chunk=3).eval()  # its forward checks the input shape: untraceable
     assert model._scoring_backbone() is model.classifier.backbone
     out = model([torch.rand(7, 12), torch.rand(5, 12)])
     assert out.indices.shape == (2, 2)
@@ -263,7 +263,7 @@ def test_dps_candidates_scores_from_the_image_downscaled_once_are_exact(stride, 
 
     torch.manual_seed(0)
     model = build_pipeline("dps_candidates", tasks=TASKS, in_chans=3, patch_size=40, stride=stride, k=2,
-                           num_candidates=5, score_downscale=4, score_chunk=7, num_samples=10,
+                           num_candidates=5, downscale=4, score_chunk=7, num_samples=10,
                            backbone="narrow_resnet", backbone_options={"width": 4, "strides": [2], "blocks": [1]})
     images = torch.randint(0, 256, (2, 3, 150, 170), dtype=torch.uint8)
     batch = ImageBatch(images)

@@ -28,7 +28,7 @@ def test_trainer_checkpoints_load_weights_only_and_carry_what_loading_needs(run,
                               "multi": {"kind": "multilabel", "num_classes": 10}}
     assert state["class_names"]["majority"] == [str(i) for i in range(10)]
     assert state["hrsel_version"] == hrsel.__version__
-    assert state["config"]["model"]["name"] == "ips" and state["config"]["model"]["num_selected"] == 3
+    assert state["config"]["model"]["name"] == "ips" and state["config"]["model"]["k"] == 3
     assert state["config"]["data"]["tasks"] == ["majority", "multi"]
 
 

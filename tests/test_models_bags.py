@@ -8,7 +8,7 @@ from hrsel.models.bags import FeatureBags, is_feature_bags
 from hrsel.tasks import TaskSpec
 
 TASKS = {"tumor": TaskSpec("binary", 1)}
-OPTS = dict(num_selected=6, chunk_size=5, backbone="feature_projector", backbone_options={"in_dim": 12, "dim": 8},
+OPTS = dict(k=6, score_chunk=5, backbone="feature_projector", backbone_options={"in_dim": 12, "dim": 8},
             aggregator_options={"heads": 1, "head_dim": 4, "mlp_dim": 16, "dropout": 0.0}, shuffle=False)
 
 

@@ -15,10 +15,10 @@ from toy_bright import one_torch_thread  # noqa: F401 (autouse fixture)
 TASKS = {"y": TaskSpec("multiclass", 3), "z": TaskSpec("binary", 1)}
 LIGHT = dict(in_chans=1, backbone="narrow_resnet", backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)})
 SMALL = {
-    "ips": dict(LIGHT, patch_size=20, num_selected=3, chunk_size=5,
+    "ips": dict(LIGHT, patch_size=20, k=3, score_chunk=5,
                 aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 16}),
     "dps": dict(LIGHT, patch_size=20, k=3, downscale=2, num_samples=10),
-    "dps_candidates": dict(LIGHT, patch_size=20, k=2, num_candidates=5, score_downscale=1, num_samples=10,
+    "dps_candidates": dict(LIGHT, patch_size=20, k=2, num_candidates=5, downscale=1, num_samples=10,
                            score_chunk=6),
     "ats": dict(LIGHT, patch_size=20, k=3, downscale=2),
     "patchdrop": dict(LIGHT, patch_size=20, downscale=2),
@@ -32,7 +32,7 @@ def images(n=2, seed=0):
 
 def test_registry_names_and_option_errors():
     assert PIPELINES.names() == sorted(SMALL)
-    assert "num_selected" in pipeline_options("ips")
+    assert "k" in pipeline_options("ips") and "num_selected" not in pipeline_options("ips")
     with pytest.raises(ConfigError, match="no option.*num_selectd.*valid:"):
         build_pipeline("ips", tasks=TASKS, num_selectd=3)
     with pytest.raises(ConfigError, match="unknown pipeline 'ipss'.*Did you mean 'ips'"):
@@ -78,7 +78,7 @@ def test_dps_at_sigma_zero_equals_hard_topk_extraction():
 @pytest.mark.parametrize("m", [1, 5])
 def test_ips_pipeline_selects_global_topm_by_attention(chunk_size, m):
     torch.manual_seed(1)
-    opts = dict(SMALL["ips"], num_selected=m, chunk_size=chunk_size, shuffle=False,
+    opts = dict(SMALL["ips"], k=m, score_chunk=chunk_size, shuffle=False,
                 aggregator_options={"heads": 1, "head_dim": 4, "mlp_dim": 16})
     model = build_pipeline("ips", tasks={"y": TaskSpec("multiclass", 3)}, **opts)
     with torch.no_grad():

@@ -162,7 +162,7 @@ def test_ips_with_timm_backbone_trains():
     torch.manual_seed(0)
     tasks = {"y": TaskSpec("multiclass", 3)}
     model = build_pipeline("ips", tasks=tasks, in_chans=1, backbone="timm/resnet18", patch_size=16,
-                           num_selected=2, chunk_size=4, aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 8})
+                           k=2, score_chunk=4, aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 8})
     x = (torch.rand(2, 1, 48, 48) * 255).to(torch.uint8)
     out = model(x)
     assert out.logits["y"].shape == (2, 3) and out.indices.shape == (2, 2)

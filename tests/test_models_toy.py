@@ -20,13 +20,13 @@ from toy_bright import SIDE, make_batch, one_torch_thread  # noqa: F401 (autouse
 TASKS = {"y": TaskSpec("multiclass", 3)}
 LIGHT = dict(in_chans=1, backbone="narrow_resnet", backbone_options={"width": 16, "strides": (2, 2), "blocks": (1, 1)})
 CONFIGS = {  # name: (options, steps, learning rate)
-    "ips": (dict(LIGHT, patch_size=20, num_selected=4, chunk_size=4,
+    "ips": (dict(LIGHT, patch_size=20, k=4, score_chunk=4,
                  aggregator_options={"heads": 2, "head_dim": 8, "mlp_dim": 32, "dropout": 0.0}), 60, 3e-3),
     # DPS's own 500 samples and a clipped gradient (below): with 50 samples and no clipping, spikes of the
     # estimated gradient (norm 40-50 against 1-8) threw the scorer off the faint cell for good on 2 of 5 seeds
     "dps": (dict(LIGHT, patch_size=20, k=2, downscale=2, num_samples=500, sigma=0.5, sigma_schedule="constant"),
             120, 3e-3),
-    "dps_candidates": (dict(LIGHT, patch_size=20, k=2, num_candidates=12, score_downscale=1, score_chunk=5,
+    "dps_candidates": (dict(LIGHT, patch_size=20, k=2, num_candidates=12, downscale=1, score_chunk=5,
                             num_samples=50, sigma=0.3, sigma_schedule="constant"), 80, 2e-3),
     # ATS draws at eval by default; the hit rate here judges the learnt attention's top-K
     "ats": (dict(LIGHT, patch_size=20, k=2, downscale=2, sample_at_inference=False), 100, 1e-3),

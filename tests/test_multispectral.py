@@ -249,8 +249,8 @@ def cli_args(root: Path, tmp_path: Path, *extra: str) -> list[str]:
     (tmp_path / "multispectral.yaml").write_text(yaml.safe_dump(config))
     return [str(tmp_path / "multispectral.yaml"), f"data.root={root}", "data.num_workers=0",
             "data.batch_size=2", "train.epochs=1", "train.progress_bar=false", "eval.pictures=1",
-            "data.test_fraction=0.34", "data.val_fraction=0.25", "model.patch_size=16", "model.num_selected=4",
-            "model.chunk_size=8", "model.backbone_options={}",
+            "data.test_fraction=0.34", "data.val_fraction=0.25", "model.patch_size=16", "model.k=4",
+            "model.score_chunk=8", "model.backbone_options={}",
             f"--output-dir={tmp_path / 'runs'}", "--device=cpu", *extra]
 
 

@@ -115,10 +115,10 @@ def test_save_load_key_and_picture(tmp_path):
 
 LIGHT = dict(in_chans=3, backbone="narrow_resnet", backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)})
 SMALL = {
-    "ips": dict(LIGHT, patch_size=16, num_selected=3, chunk_size=5,
+    "ips": dict(LIGHT, patch_size=16, k=3, score_chunk=5,
                 aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 16}),
     "dps": dict(LIGHT, patch_size=16, k=3, downscale=2, num_samples=10),
-    "dps_candidates": dict(LIGHT, patch_size=16, k=2, num_candidates=5, score_downscale=1, num_samples=10,
+    "dps_candidates": dict(LIGHT, patch_size=16, k=2, num_candidates=5, downscale=1, num_samples=10,
                            score_chunk=6),
     "ats": dict(LIGHT, patch_size=16, k=3, downscale=2),
     "patchdrop": dict(LIGHT, patch_size=16, downscale=2),
@@ -214,10 +214,10 @@ def slides(tmp_path_factory) -> Path:
 
 
 RUNS = {
-    "ips": ["model.name=ips", "model.num_selected=3", "model.chunk_size=8",
+    "ips": ["model.name=ips", "model.k=3", "model.score_chunk=8",
             "model.aggregator_options={heads: 2, head_dim: 4, mlp_dim: 16, dropout: 0.0}"],
     "dps_candidates": ["model.name=dps_candidates", "model.k=2", "model.num_candidates=4",
-                       "model.score_downscale=2", "model.num_samples=8", "model.aggregator=mean",
+                       "model.downscale=2", "model.num_samples=8", "model.aggregator=mean",
                        "model.scorer_options={}"],
 }
 

@@ -23,11 +23,11 @@ from isa_caps import ISA_CAPS, capped_env
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CNN = "{width: 8, strides: [2, 2, 2, 2], blocks: [1, 1, 1, 1]}"
 PIPELINES = {
-    "ips": ["model.patch_size=32", "model.num_selected=3", "model.chunk_size=4", "model.pos_encoding=sincos",
+    "ips": ["model.patch_size=32", "model.k=3", "model.score_chunk=4", "model.pos_encoding=sincos",
             "model.num_positions=16"],
     "dps": ["model.patch_size=32", "model.k=3", "model.downscale=2", "model.num_samples=8",
             "model.entropy_coef=-0.01"],
-    "dps_candidates": ["model.patch_size=32", "model.k=2", "model.num_candidates=4", "model.score_downscale=2",
+    "dps_candidates": ["model.patch_size=32", "model.k=2", "model.num_candidates=4", "model.downscale=2",
                        "model.num_samples=8"],
     "ats": ["model.patch_size=32", "model.k=3", "model.downscale=2"],
     "patchdrop": ["model.patch_size=32", "model.downscale=2"],
@@ -111,9 +111,9 @@ def test_a_training_step_of_each_pipeline_survives_every_isa_cap(cap, tiny_mnist
 
 def test_k_larger_than_the_patch_grid_exits_2(tiny_mnist, tmp_path, capsys):
     config = base_config(tmp_path, tiny_mnist, "ips")
-    code = main([str(config), *PIPELINES["ips"], "model.num_selected=50", f"--output-dir={tmp_path / 'runs'}"])
+    code = main([str(config), *PIPELINES["ips"], "model.k=50", f"--output-dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
-    assert code == 2 and "model.num_selected" in err and "50" in err and "16 patches" in err
+    assert code == 2 and "model.k" in err and "50" in err and "16 patches" in err
 
 
 def test_module_entry_point_runs_then_resumes(tiny_mnist, tmp_path, capsys):

@@ -11,7 +11,7 @@ prefix, then shared words, then difflib as a last resort. No torch, no YAML.
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from typing import Any, Callable
 
 # Names people bring from other frameworks -> the leaf hrsel uses, or the dotted key where the leaf
 # alone is ambiguous (keys are normalised: no _ or case).
@@ -30,9 +30,10 @@ ALIASES = {
     "gradientclipping": "clip_norm", "amp": "precision", "mixedprecision": "precision", "dtype": "precision",
     "outdir": "output_dir", "logdir": "output_dir", "savedir": "output_dir", "rundir": "output_dir",
     "randomseed": "seed", "datadir": "root", "datapath": "root", "path": "root", "dataroot": "root",
-    "topk": "k", "numpatches": "num_selected", "scheduler": "schedule", "lrschedule": "schedule",
-    "lrscheduler": "schedule", "exp": "experiment", "expname": "experiment", "runname": "experiment",
-    "gpu": "device", "metric": "metric", "selectionmetric": "metric", "numheads": "heads", "nheads": "heads",
+    "topk": "k", "numpatches": "k", "numselected": "k", "chunksize": "score_chunk", "scheduler": "schedule",
+    "lrschedule": "schedule", "lrscheduler": "schedule", "exp": "experiment", "expname": "experiment",
+    "runname": "experiment", "gpu": "device", "metric": "metric", "selectionmetric": "metric", "numheads": "heads",
+    "nheads": "heads",
 }
 
 
@@ -49,6 +50,15 @@ def closest_key(key: str, valid: list[str]) -> str | None:
             return hit
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return close[0] if close else None
+
+
+def unknown_key_message(key: str, value: Any, valid: list[str]) -> str:
+    """The message of an unknown `key`: the closest valid key and the valid keys of its section."""
+    close = closest_key(key, valid)
+    hint = f" Did you mean {close!r}?" if close else ""
+    section = key.rpartition(".")[0]
+    listed = [k for k in valid if k.rpartition(".")[0] == section] or valid
+    return f"unknown config key {key!r} (value {value!r}).{hint} Valid keys here: {', '.join(listed)}"
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -1,17 +1,21 @@
-"""Pipelines by name: `build_pipeline("ips", tasks=tasks, patch_size=50, num_selected=100)`.
+"""Pipelines by name: `build_pipeline("ips", tasks=tasks, patch_size=50, k=100)`.
 
 Names: ips, dps, dps_candidates, ats, patchdrop, cnn. The options are the keyword-only
 arguments of each class (documented in its docstring); an unknown option is a
 ConfigError that names it and lists the valid ones. `check_pipeline_options` checks them
 before any work, the nested `backbone_options`, `aggregator_options`, `scorer_options` and
-`policy_options` too, against the keywords of the part the same section names.
+`policy_options` too, against the keywords of the part the same section names. A renamed
+option (`num_selected`, `chunk_size`, `score_downscale`: `hrsel.config.renames`) still works
+here, with a DeprecationWarning naming its new name.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 from hrsel.config import check_builder_options
+from hrsel.config.renames import rename_section
 from hrsel.errors import ConfigError
 from hrsel.models.aggregators import AGGREGATORS
 from hrsel.models.ats import ATSPipeline
@@ -51,6 +55,8 @@ def pipeline_options(name: str) -> list[str]:
 
 def build_pipeline(name: str, *, tasks: dict[str, TaskSpec], **options: Any) -> Pipeline:
     """Build the pipeline `name` for `tasks` with its keyword options."""
+    options = rename_section(options, section="model", source=f"build_pipeline({name!r}, ...)",
+                             warn=lambda message: warnings.warn(message, DeprecationWarning, stacklevel=4))
     valid = pipeline_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:

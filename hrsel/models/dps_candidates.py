@@ -1,7 +1,7 @@
 """DPS with IPS-style candidates: memory independent of the image size.
 
 1. No grad: stream the patch grid in chunks, score every patch with the scorer (on the
-   patch downscaled by `score_downscale`), keep the top C candidates (`iterative_topm`).
+   patch downscaled by `downscale`), keep the top C candidates (`iterative_topm`).
 2. With grad: re-read the C candidates, re-score them, run perturbed top-K over the C
    candidates only, and mix the K soft patches from the C candidate patches.
 
@@ -37,7 +37,7 @@ class DPSCandidatesPipeline(Pipeline):
         patch_size, stride: the regular patch grid (stride defaults to patch_size).
         k: patches selected; num_candidates: C >= k kept by the no-grad pass (4k by default).
         score_chunk: patches scored per no-grad step (256).
-        score_downscale: integer factor applied to each patch before the scorer (4).
+        downscale: integer factor applied to each patch before the scorer (4; formerly score_downscale).
         scorer, scorer_options: name in SCORERS and options (each patch gets one score,
             the max of its score map).
         selector, num_samples, sigma, sigma_schedule, sigma_final, sinkhorn_epsilon,
@@ -50,7 +50,7 @@ class DPSCandidatesPipeline(Pipeline):
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100,
                  stride: int | None = None, k: int = 10, num_candidates: int | None = None, score_chunk: int = 256,
-                 score_downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
+                 downscale: int = 4, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  selector: str = "perturbed", num_samples: int = 500, sigma: float = 0.05,
                  sigma_schedule: str = "linear", sigma_final: float = 0.0, sinkhorn_epsilon: float = 1e-1,
                  sinkhorn_iterations: int = 200, inference_selector: str = "hard", entropy_coef: float = 0.0,
@@ -64,7 +64,7 @@ class DPSCandidatesPipeline(Pipeline):
         self.num_candidates = num_candidates if num_candidates is not None else 4 * k
         if self.num_candidates < k:
             raise ValueError(f"num_candidates={self.num_candidates} must be >= k={k}")
-        self.score_chunk, self.score_downscale, self.entropy_coef = score_chunk, score_downscale, entropy_coef
+        self.score_chunk, self.downscale, self.entropy_coef = score_chunk, downscale, entropy_coef
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
         self.select = SoftTopK(k=k, selector=selector, num_samples=num_samples, sigma=sigma,
                                sigma_schedule=sigma_schedule, sigma_final=sigma_final,
@@ -81,7 +81,7 @@ class DPSCandidatesPipeline(Pipeline):
     def score_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, n, C, p, p) -> (B, n) one raw score per patch."""
         b, n = patches.shape[:2]
-        small = F.avg_pool2d(patches.flatten(0, 1), self.score_downscale)  # (B*n, C, p/d, p/d)
+        small = F.avg_pool2d(patches.flatten(0, 1), self.downscale)  # (B*n, C, p/d, p/d)
         return self.scorer(small, grid_shape=(1, 1)).view(b, n)
 
     def score_small(self, small: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class DPSCandidatesPipeline(Pipeline):
     def _stream(self, batch: ImageBatch, geometry: GridGeometry, cells: torch.Tensor | None = None) -> TopMResult:
         """The no-grad pass over the grid (or only `cells`) -> the top C, all_scores (B, N) NaN where unseen."""
         c = min(self.num_candidates, geometry.num_patches if cells is None else len(cells))
-        pooled = None if cells is not None else pooled_grid(batch, geometry, self.score_downscale)
+        pooled = None if cells is not None else pooled_grid(batch, geometry, self.downscale)
         if pooled is None:
             chunks = ((idx, self.score_patches(p)) for idx, p in batch.chunks(geometry, self.score_chunk, cells))
         else:  # each patch's downscaled view sliced from the image downscaled once

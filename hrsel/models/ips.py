@@ -43,8 +43,8 @@ class IPSPipeline(Pipeline):
         tasks: task name -> TaskSpec (one attention query per task).
         in_chans: image channels.
         patch_size, stride: the regular patch grid (stride defaults to patch_size).
-        num_selected: M, patches kept for the gradient pass (100 MNIST, 10 traffic).
-        chunk_size: I, patches encoded per selection step (100 MNIST, 32 traffic).
+        k: M, patches kept for the gradient pass (100 MNIST, 10 traffic; formerly num_selected).
+        score_chunk: I, patches encoded per selection step (100 MNIST, 32 traffic; formerly chunk_size).
         backbone, backbone_options: see `PatchClassifier` (IPS MNIST: resnet18 with in_chans=1,
             last_stage="layer2").
         aggregator_options: for "attention": heads (8), head_dim (16), mlp_dim (512), dropout.
@@ -64,7 +64,7 @@ class IPSPipeline(Pipeline):
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 50,
-                 stride: int | None = None, num_selected: int = 100, chunk_size: int = 100,
+                 stride: int | None = None, k: int = 100, score_chunk: int = 100,
                  backbone: str = "resnet18", backbone_options: dict[str, Any] | None = None,
                  aggregator_options: dict[str, Any] | None = None, pos_encoding: str = "none",
                  num_positions: int = 0, head_hidden: int | None = None, shuffle: bool = True,
@@ -76,7 +76,7 @@ class IPSPipeline(Pipeline):
         if mode not in MODES:
             raise ConfigError(f"IPS mode {mode!r} is unknown; valid: {', '.join(MODES)}")
         self.patch_size, self.stride = patch_size, stride
-        self.num_selected, self.chunk_size, self.shuffle, self.mode = num_selected, chunk_size, shuffle, mode
+        self.k, self.score_chunk, self.shuffle, self.mode = k, score_chunk, shuffle, mode
         self.score_batch, self.compile_scorer, self.skip_blank = score_batch, compile_scorer, skip_blank
         self.classifier = PatchClassifier(tasks=tasks, in_chans=in_chans, backbone=backbone,
                                           backbone_options=backbone_options, aggregator="attention",
@@ -102,9 +102,9 @@ class IPSPipeline(Pipeline):
         `cells` (n,): stream only those grid cells (their scores; NaN elsewhere).
         """
         if isinstance(batch, FeatureBags):
-            chunks, num_items = batch.chunks(self.chunk_size), batch.sizes[0]
+            chunks, num_items = batch.chunks(self.score_chunk), batch.sizes[0]
         else:
-            chunks = batch.chunks(geometry, self.chunk_size, cells)
+            chunks = batch.chunks(geometry, self.score_chunk, cells)
             num_items = geometry.num_patches if cells is None else len(cells)
         was_training = self.training
         self.eval()
@@ -112,7 +112,7 @@ class IPSPipeline(Pipeline):
         try:
             backbone = self._scoring_backbone()
             encoded = ((idx, *self._encode_chunk(items, part, backbone)) for idx, items in chunks)
-            result = iterative_topm(encoded, m=min(self.num_selected, num_items), score_fn=self._score,
+            result = iterative_topm(encoded, m=min(self.k, num_items), score_fn=self._score,
                                     record_fn=self._logits, random_ties=self.shuffle and was_training)
             if cells is not None:  # logits (B, n' <= N, H*T) at the cells seen: NaN up to N
                 logits = result.all_scores
