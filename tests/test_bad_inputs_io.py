@@ -281,10 +281,10 @@ def test_associated_alpha_tiff_is_composited_as_premultiplied(tmp_path):
 TASKS = {"y": TaskSpec("multiclass", 3)}
 LIGHT = dict(in_chans=3, backbone="narrow_resnet", backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)})
 PIPELINE_OPTIONS = {
-    "ips": dict(LIGHT, patch_size=20, num_selected=3, chunk_size=5,
+    "ips": dict(LIGHT, patch_size=20, k=3, score_chunk=5,
                 aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 16}),
     "dps": dict(LIGHT, patch_size=20, k=3, downscale=2, num_samples=10),
-    "dps_candidates": dict(LIGHT, patch_size=20, k=2, num_candidates=5, score_downscale=1, num_samples=10),
+    "dps_candidates": dict(LIGHT, patch_size=20, k=2, num_candidates=5, downscale=1, num_samples=10),
     "ats": dict(LIGHT, patch_size=20, k=3, downscale=2),
     "patchdrop": dict(LIGHT, patch_size=20, downscale=2),
     "cnn": dict(LIGHT, downscale=2),

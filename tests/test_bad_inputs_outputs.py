@@ -48,7 +48,7 @@ def bags(tmp_path):
 
     torch.manual_seed(0)
     tasks = {"tumor": TaskSpec("binary", 1)}
-    pipeline = build_pipeline("ips", tasks=tasks, patch_size=32, num_selected=2, chunk_size=4,
+    pipeline = build_pipeline("ips", tasks=tasks, patch_size=32, k=2, score_chunk=4,
                               backbone="feature_projector", backbone_options={"in_dim": 6, "dim": 8},
                               aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 8}).eval()
     config = types.SimpleNamespace(seed=0, train=types.SimpleNamespace(precision="fp32"))
@@ -142,8 +142,8 @@ def test_an_image_smaller_than_a_patch_exits_2_naming_it(bags, tmp_path, capsys)
 
     model, _ = bags
     torch.manual_seed(0)
-    model.pipeline = build_pipeline("ips", tasks=model.tasks, in_chans=1, patch_size=32, num_selected=2,
-                                    chunk_size=4, backbone="narrow_resnet",
+    model.pipeline = build_pipeline("ips", tasks=model.tasks, in_chans=1, patch_size=32, k=2,
+                                    score_chunk=4, backbone="narrow_resnet",
                                     backbone_options={"width": 8, "strides": [2, 2], "blocks": [1, 1]}).eval()
     Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "tiny.png")
     code = run_command(lambda: predict_sources(model, [tmp_path / "tiny.png"], out_dir=tmp_path / "out"))

@@ -101,7 +101,7 @@ def test_normalize_scores_empty_is_named():
 
 
 PIPELINES = {
-    "ips": dict(patch_size=20, num_selected=3, chunk_size=5, aggregator_options={"heads": 2, "head_dim": 4,
+    "ips": dict(patch_size=20, k=3, score_chunk=5, aggregator_options={"heads": 2, "head_dim": 4,
                                                                                    "mlp_dim": 16}),
     "dps": dict(patch_size=20, k=3, downscale=2, num_samples=10),
     "ats": dict(patch_size=20, k=3, downscale=2),
