@@ -1,8 +1,16 @@
-"""Weight decay conventions: torch's lr-scaled decay and the DPS JAX absolute decay, one step vs the formula."""
+"""Weight decay conventions (torch's lr-scaled decay, the DPS JAX absolute decay and the JAX CUB code's coupled
+form), one step vs the formula; the schedules of the configs whose length is train.max_steps."""
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
-from hrsel.engine.optim import build_optimizer, lr_factor, set_lr
+from hrsel.config import load_config
+from hrsel.data.split import holdout_indices
+from hrsel.engine.optim import build_optimizer, lr_factor, planned_steps, schedule_steps, set_lr
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _model() -> torch.nn.Module:
@@ -78,9 +86,86 @@ def test_bad_decay_settings_are_named():
 
 
 def test_schedule_lengths_from_epochs_or_fractions_of_all_updates():
-    from hrsel.engine.optim import schedule_steps
-
     # DPS CUB: x0.1 at 60% and 80% of 31,300 updates, 5% warm-up
     assert schedule_steps(updates_per_epoch=375, total_steps=31300, warmup_ratio=0.05,
                           milestone_ratios=[0.6, 0.8]) == (1565, [18780, 25040])
     assert schedule_steps(updates_per_epoch=24, total_steps=1000, warmup_epochs=2.5, milestones=[10]) == (60, [240])
+
+
+@pytest.mark.parametrize("on", ["all", "matrices"])
+def test_jax_coupled_decay_has_the_sign_of_the_jax_cub_code(on):
+    """ntsnet.py: decoupled_weight_decay (update - wd * theta) runs before optax.sgd, so SGD follows g - wd * theta."""
+    lr, wd, s = 1e-3, 1e-4, 0.5
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, name="sgd", lr=lr, weight_decay=wd, momentum=0.9, weight_decay_mode="jax_coupled",
+                          weight_decay_on=on)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    set_lr(opt, lr * s)
+    opt.step()  # the first momentum step: the buffer is the (coupled) gradient itself
+    for p0, g, p1 in zip(before, grads, model.parameters()):
+        coupled = p0.ndim >= 2 or on == "all"
+        torch.testing.assert_close(p1.detach(), p0 - lr * s * (g - (wd * p0 if coupled else 0.0)), rtol=1e-6,
+                                   atol=1e-9)
+    still = [p.detach().clone() for p in model.parameters()]
+    fresh = build_optimizer(model, name="sgd", lr=lr, weight_decay=wd, momentum=0.9,
+                            weight_decay_mode="jax_coupled", weight_decay_on=on)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    fresh.step()  # no loss gradient: the weights grow by lr * wd, where an L2 decay would shrink them
+    for p0, p1 in zip(still, model.parameters()):
+        grows = p0.ndim >= 2 or on == "all"
+        torch.testing.assert_close(p1.detach(), p0 * (1 + lr * wd) if grows else p0, rtol=1e-7, atol=1e-12)
+
+
+def _updates_per_epoch(cfg, train_images: int) -> int:
+    """What the trainer gets: the training split less the config's validation hold-out, in batches."""
+    kept, _ = holdout_indices(train_images, fraction=cfg.data.val_fraction, seed=cfg.seed)
+    return math.ceil(len(kept) / cfg.data.batch_size)
+
+
+def _schedule(cfg, updates_per_epoch: int) -> tuple[int, int, list[int]]:
+    """(planned updates, warm-up, milestones) as the trainer builds them for the resolved config."""
+    total = planned_steps(epochs=cfg.train.epochs, updates_per_epoch=updates_per_epoch,
+                          max_steps=cfg.train.max_steps)
+    warmup, milestones = schedule_steps(updates_per_epoch=updates_per_epoch, total_steps=total,
+                                        warmup_epochs=cfg.optim.warmup_epochs, warmup_ratio=cfg.optim.warmup_ratio,
+                                        milestones=cfg.optim.milestones, milestone_ratios=cfg.optim.milestone_ratios)
+    return total, warmup, milestones
+
+
+def test_max_steps_is_the_planned_length_else_epochs():
+    assert planned_steps(epochs=84, updates_per_epoch=338, max_steps=31300) == 31300  # epochs would give 28,392
+    assert planned_steps(epochs=100, updates_per_epoch=375, max_steps=31300) == 31300  # and 37,500
+    assert planned_steps(epochs=12, updates_per_epoch=125, max_steps=0) == 1500
+
+
+def test_cub_schedule_is_the_jax_one_whatever_an_epoch_holds():
+    """JAX birds200_topk: 31,300 updates, x0.1 at 18,780 and 25,040 after a 5% warm-up; the validation hold-out
+    (5994 -> 5395 images, 338 updates per epoch) used to cut the run to 84 x 338 = 28,392 and move the drops."""
+    cfg = load_config(REPO / "configs" / "cub200_dps_k4.yaml")
+    for val_split, per_epoch in (("auto", _updates_per_epoch(cfg, 5994)), ("none", math.ceil(5994 / 16))):
+        assert per_epoch == {"auto": 338, "none": 375}[val_split]
+        assert _schedule(cfg, per_epoch) == (31300, 1565, [18780, 25040])
+        assert cfg.train.epochs * per_epoch >= cfg.train.max_steps  # the run is all of it, not cut by epochs
+    assert cfg.optim.name == "sgd" and cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.optim.weight_decay_mode == "jax_coupled" and cfg.optim.weight_decay_on == "all"
+
+
+@pytest.mark.parametrize("name", ["traffic_ats_k5", "traffic_ats_k10"])
+def test_ats_rerun_is_100k_updates_with_the_drop_halfway(name):
+    """ATS speed_limits.py drops the lr x0.1 halfway (epoch 250 of 500); the re-runs are 100k updates, so 50k.
+    With the hold-out an epoch is 21 updates (747 -> 672 images): 4167 epochs made 87,507, the drop 43,764."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    per_epoch = _updates_per_epoch(cfg, 747)
+    assert per_epoch == 21
+    assert _schedule(cfg, per_epoch) == (100_000, 0, [50_000])
+    assert cfg.train.epochs * per_epoch >= cfg.train.max_steps and cfg.optim.gamma == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["traffic_ats_paper_k5", "traffic_ats_paper_k10"])
+def test_ats_own_recipe_is_500_epochs_with_the_drop_at_250(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert _schedule(cfg, 21) == (500 * 21, 0, [250 * 21])

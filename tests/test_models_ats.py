@@ -107,6 +107,29 @@ def test_positive_entropy_strength_rewards_entropy(strength):
     assert model.eval()(x).aux_loss is None
 
 
+def test_attention_l2_is_keras_l2_on_the_hidden_kernels():
+    """ATS speed_limits.py: Conv2D(8/16/32, kernel_regularizer=l2(1e-5)), the last Conv2D(1) without: the loss
+    gets 1e-5 * sum(w^2) over the three hidden kernels, no biases."""
+    c = 0.25  # large, so that the term is far above rounding
+    torch.manual_seed(0)
+    model = build_pipeline("ats", tasks=TASKS, attention_l2=c, **SMALL).train()
+    hidden = [model.scorer.net[i] for i in (0, 2, 4)]
+    last = model.scorer.net[6]
+    assert model.scorer.hidden_kernels() == [conv.weight for conv in hidden]
+    out = model(images(4))
+    torch.testing.assert_close(out.aux_loss, c * sum(conv.weight.pow(2).sum() for conv in hidden))
+    out.aux_loss.backward()  # the regulariser alone
+    for conv in hidden:
+        torch.testing.assert_close(conv.weight.grad, 2 * c * conv.weight.detach())
+        assert conv.bias.grad is None
+    assert last.weight.grad is None and last.bias.grad is None
+    assert model.eval()(images(2)).aux_loss is None
+    both = build_pipeline("ats", tasks=TASKS, attention_l2=c, entropy_strength=0.5, **SMALL).train()
+    out = both(images(4))
+    l2 = c * sum(w.pow(2).sum() for w in both.scorer.hidden_kernels())
+    torch.testing.assert_close(out.aux_loss, l2 - 0.5 * attention_entropy(out.scores))
+
+
 def test_normalize_features_makes_the_estimate_scale_free():
     class Scaled(torch.nn.Module):
         def __init__(self, net, scale):
@@ -144,8 +167,10 @@ def test_ats_configs_build_with_the_ats_conventions(name):
     if name.startswith("traffic"):
         assert opts["backbone"] == "ats_resnet" and cfg.train.class_balanced and cfg.optim.lr == pytest.approx(1e-3)
         assert cfg.optim.clip_norm == 1.0 and cfg.optim.schedule == "piecewise"
+        assert opts["attention_l2"] == pytest.approx(1e-5)  # speed_limits.py: l2(1e-5) on the attention convs
     else:
         assert cfg.optim.weight_decay_mode == "absolute" and cfg.optim.weight_decay_on == "all"
     light = dict(opts, backbone="ats_resnet", backbone_options={"width": 4})  # build cheaply, same pipeline options
     model = build_pipeline(cfg.model.name, tasks={"t": TaskSpec("multiclass", 4)}, **light)
     assert model.entropy_strength == opts["entropy_strength"] and model.normalize_features
+    assert model.attention_l2 == opts.get("attention_l2", 0.0)

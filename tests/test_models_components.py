@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hrsel.errors import ConfigError
-from hrsel.models.aggregators import AGGREGATORS, PositionalEncoding, build_aggregator
+from hrsel.models.aggregators import AGGREGATORS, PositionalEncoding, SoftCells, build_aggregator
 from hrsel.models.backbones import BACKBONES, build_backbone
 from hrsel.models.heads import TaskHeads, is_correct, task_loss
 from hrsel.models.scorers import SCORERS, build_scorer
@@ -133,6 +133,27 @@ def test_cls_pool_transformer_option_and_errors():
     assert plain.pos.kind == "none"
     empty = plain.eval()(torch.randn(1, 3, 8), mask=torch.zeros(1, 3, dtype=torch.bool))
     torch.testing.assert_close(empty, torch.zeros(1, 1, 8))  # no real patch: a zero sum, no NaN
+
+
+@pytest.mark.parametrize("kind", ["learned", "sincos", "dense"])
+def test_soft_cells_encode_as_the_indicators_that_are_zero_elsewhere(kind):
+    """DPS with candidates: K soft indicators over C candidate cells = the (B, K, N) indicators of DPS."""
+    torch.manual_seed(0)
+    pe = PositionalEncoding(kind=kind, num_positions=9, dim=4).double()
+    if pe.bias is not None:
+        with torch.no_grad():
+            pe.bias.normal_()
+    cells = torch.tensor([[4, 0, 7], [8, 2, -1]])  # -1: an absent candidate, never weighted
+    weights = torch.softmax(torch.randn(2, 2, 3, dtype=torch.float64), dim=-1)
+    indicators = torch.zeros(2, 2, 9, dtype=torch.float64)
+    indicators.scatter_add_(2, cells.clamp_min(0)[:, None].expand(-1, 2, -1), weights * (cells >= 0)[:, None])
+    x = torch.randn(2, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(pe(x, SoftCells(cells=cells, weights=weights)), pe(x, indicators))
+    leaf = weights.clone().requires_grad_()
+    pe(x, SoftCells(cells=cells, weights=leaf)).sum().backward()
+    assert leaf.grad[0].abs().min() > 0 and (leaf.grad[1, :, 2] == 0).all()  # the absent cell takes none
+    with pytest.raises(ConfigError, match="model.num_positions=9"):
+        pe(x, SoftCells(cells=torch.tensor([[9, 0, 1], [0, 1, 2]]), weights=weights))
 
 
 def test_dense_positions_are_a_linear_layer_with_bias():

@@ -1,7 +1,12 @@
-"""The PatchDrop pipeline on tiny images: stages, self-critical loss by hand, greedy inference, loading."""
+"""The PatchDrop pipeline on tiny images: stages, self-critical loss by hand, greedy inference, loading, and the
+released-code recipe of configs/mnist_patchdrop.yaml."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from hrsel.config import load_config
 from hrsel.errors import ConfigError
 from hrsel.models import build_pipeline
 from hrsel.models.patches import ImageBatch
@@ -10,6 +15,7 @@ from hrsel.select.policy import patchdrop_reward
 from hrsel.tasks import TaskSpec
 from toy_bright import one_torch_thread  # noqa: F401 (autouse fixture)
 
+REPO = Path(__file__).resolve().parents[1]
 TASKS = {"y": TaskSpec("multiclass", 3), "z": TaskSpec("binary", 1)}
 LIGHT = dict(in_chans=1, backbone="narrow_resnet", backbone_options={"width": 8, "strides": (2, 2), "blocks": (1, 1)},
              patch_size=20, downscale=2)
@@ -136,3 +142,36 @@ def test_checkpoints_initialise_policy_and_classifier(tmp_path):
 def test_bad_options(option, match):
     with pytest.raises(ConfigError, match=match):
         build(**option)
+
+
+def test_finetune_trains_the_classifiers_norms_by_default():
+    """Released finetune.py: rnet.train(); freeze_norm=True is the first commit's rnet.eval()."""
+    for freeze, moves in ((False, True), (True, False)):
+        model = build(stage="finetune", freeze_norm=freeze).train()
+        stats = [b.clone() for n, b in model.classifier.named_buffers() if n.endswith("running_mean")]
+        assert stats and model.classifier.training != freeze
+        model(images())
+        after = [b for n, b in model.classifier.named_buffers() if n.endswith("running_mean")]
+        assert any(not torch.equal(a, b) for a, b in zip(stats, after)) == moves
+
+
+def recipe_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(config, overrides) of every `python -m hrsel.train` command in a config file's header comment."""
+    header = " ".join(line.lstrip("#") for line in path.read_text().splitlines() if line.startswith("#"))
+    found = re.finditer(r"python -m hrsel\.train (\S+\.yaml)((?:\s+[\w.]+=\S+)*)", header)
+    return [(m.group(1), m.group(2).split()) for m in found]
+
+
+def test_the_configs_three_runs_load_and_follow_the_released_code():
+    """PatchDrop's released pretrain.py has no curriculum and its finetune.py trains the classifier (rnet.train());
+    both were in its first commit only, and stay options (model.curriculum_steps, model.freeze_norm)."""
+    commands = recipe_commands(REPO / "configs" / "mnist_patchdrop.yaml")
+    stages = {}
+    for config, overrides in commands:
+        cfg = load_config(REPO / config, overrides)  # every documented command is a valid config
+        if cfg.model.name == "patchdrop":
+            opts = cfg.model.options
+            stages[opts["stage"]] = opts
+            assert opts.get("curriculum_steps", 0) == 0 and not opts.get("freeze_norm", False), (config, overrides)
+    assert len(commands) == 3 and set(stages) == {"pretrain", "finetune"}
+    assert stages["pretrain"]["penalty"] == 0.5 and stages["finetune"]["penalty"] == 10.0

@@ -58,6 +58,33 @@ def test_every_pipeline_trains_and_infers(name):
         assert again.indices.shape[0] == 2 and (again.indices < 16).all()
 
 
+class Blind(torch.nn.Module):
+    """A backbone that sees nothing: every patch gets the same zero feature."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], self.out_dim)
+
+
+@pytest.mark.parametrize("name", ["dps", "dps_candidates"])
+def test_soft_positions_pass_gradient_to_the_scorer(name):
+    """Blind features: the positional encoding is the only path from the loss to the scores. DPS weights its
+    table by the (B, K, N) indicators; DPS with candidates by its (B, K, C) indicators over the candidates' cells
+    (it used the arg-max cell of each soft patch, and no gradient reached the scorer this way)."""
+    torch.manual_seed(0)
+    model = build_pipeline(name, tasks=TASKS, pos_encoding="learned", num_positions=16, **SMALL[name]).train()
+    model.classifier.backbone = Blind(model.classifier.backbone.out_dim)
+    out = model(images())
+    out.logits["y"].pow(2).sum().backward()
+    grads = [p.grad for p in model.scorer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert out.indices.dtype == torch.int64 and out.indices.shape == (2, SMALL[name]["k"])
+
+
 def test_dps_at_sigma_zero_equals_hard_topk_extraction():
     torch.manual_seed(0)
     model = build_pipeline("dps", tasks=TASKS, **dict(SMALL["dps"], sigma=0.0, sigma_schedule="constant"))

@@ -1,4 +1,5 @@
-"""Sinkhorn top-K against a plain float64 Sinkhorn in the DPS JAX convention (anchors 0, 1, ..., k).
+"""Sinkhorn top-K against a plain float64 Sinkhorn in the DPS JAX convention (anchors 0, 1, ..., k), and its
+backward against finite differences and against the JAX backward's formula (equal at convergence only).
 
 The reference below is the textbook log-domain iteration on the JAX problem itself:
 cost (x - j)^2 for anchors j = 0..k, marginals 1/n per score and ((n - k)/n, 1/n, ..., 1/n)
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from hrsel.select import sinkhorn_topk
+from hrsel.select.sinkhorn import SinkhornPlan
 
 
 def reference(scores: torch.Tensor, k: int, epsilon: float, iterations: int) -> torch.Tensor:
@@ -108,6 +110,75 @@ def test_backward_at_the_hard_limit_is_finite_and_flat():
     soft = _distinct(2, 12, seed=0).requires_grad_()
     (sinkhorn_topk(soft, 3, 0.3, 2000) * upstream.double()).sum().backward()
     assert soft.grad.abs().max() > 0.05  # the same scores at a soft epsilon do move the plan
+
+
+def jax_backward(plan, mu, nu, epsilon, upstream):
+    """dL/dcost of one (n, m) plan as the DPS JAX `sinkhorn_backward` (lib/ops/topk.py) forms it: the target
+    marginals mu (n,) and nu (m,), an explicit inverse, the first anchor's dual potential held fixed."""
+    n, m = plan.shape
+    rest = plan[:, 1:]  # (n, m - 1)
+    d = torch.diag(1.0 / mu)
+    kappa_inv = torch.linalg.inv(torch.diag(nu[1:]) - rest.T @ d @ rest)  # (m - 1, m - 1)
+    h1 = d + d @ rest @ kappa_inv @ rest.T @ d  # (n, n)
+    h2 = torch.cat([plan.new_zeros(n, 1), -d @ rest @ kappa_inv], dim=1)  # (n, m)
+    h3 = (-d @ rest @ kappa_inv).T  # (m - 1, n)
+    h4 = torch.cat([plan.new_zeros(m - 1, 1), kappa_inv], dim=1)  # (m - 1, m)
+    weighted = upstream * plan
+    rows, cols = weighted.sum(dim=1), weighted.sum(dim=0)[1:]  # (n,), (m - 1,)
+    through_f = (rows @ h1)[:, None] * plan + (rows @ h2)[None, :] * plan
+    through_g = (cols @ h3)[:, None] * plan + (cols @ h4)[None, :] * plan
+    return (-weighted + through_f + through_g) / epsilon
+
+
+def _transport(seed=4, n=6):
+    """A small problem in the Sinkhorn top-2 shape: cost (n, 3), marginals 1/n and ((n - 2)/n, 1/n, 1/n)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, generator=g, dtype=torch.float64)
+    cost = (x[:, None] - torch.arange(3, dtype=torch.float64) / 2) ** 2
+    mu = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    nu = torch.tensor([(n - 2) / n, 1 / n, 1 / n], dtype=torch.float64)
+    return cost, mu, nu, torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+
+def _plan_and_grad(cost, mu, nu, epsilon, iterations, upstream, tol=0.0):
+    leaf = cost[None].clone().requires_grad_()
+    plan = SinkhornPlan.apply(leaf, mu.log()[None], nu.log()[None], torch.zeros_like(nu)[None], epsilon,
+                              iterations, tol)
+    (plan[0] * upstream).sum().backward()
+    return plan[0].detach(), leaf.grad[0]
+
+
+def _converged_finite_differences(cost, mu, nu, epsilon, upstream, h=1e-6):
+    numeric = torch.zeros_like(cost)
+    for i in range(cost.shape[0]):
+        for j in range(cost.shape[1]):
+            shifted = []
+            for step in (h, -h):
+                c = cost.clone()
+                c[i, j] += step
+                shifted.append(_plan_and_grad(c, mu, nu, epsilon, 5000, upstream, tol=1e-13)[0])
+            numeric[i, j] = ((shifted[0] - shifted[1]) * upstream).sum() / (2 * h)
+    return numeric
+
+
+def test_backward_agrees_with_the_jax_backward_at_convergence_only():
+    cost, mu, nu, upstream = _transport()
+    epsilon = 0.1
+    plan, ours = _plan_and_grad(cost, mu, nu, epsilon, 5000, upstream, tol=1e-13)
+    torch.testing.assert_close(ours, jax_backward(plan, mu, nu, epsilon, upstream), atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(ours, _converged_finite_differences(cost, mu, nu, epsilon, upstream),
+                               atol=1e-6, rtol=1e-5)
+    # two iterations: the columns meet their targets (g is updated last), the rows do not yet
+    early, ours_early = _plan_and_grad(cost, mu, nu, epsilon, 2, upstream)
+    rows = early.sum(dim=1)
+    torch.testing.assert_close(early.sum(dim=0), nu, atol=1e-12, rtol=0)
+    assert (rows - mu).abs().max() > 1e-3
+    # this backward is the exact gradient of the problem the returned plan solves (its own row marginals) ...
+    torch.testing.assert_close(ours_early, _converged_finite_differences(cost, rows, nu, epsilon, upstream),
+                               atol=1e-6, rtol=1e-5)
+    # ... and JAX's, built on the targets, is another number before convergence
+    jax_early = jax_backward(early, mu, nu, epsilon, upstream)
+    assert (jax_early - ours_early).abs().max() > 0.01 * ours_early.abs().max()
 
 
 def test_bad_input():

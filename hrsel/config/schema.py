@@ -62,7 +62,9 @@ class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
-    weight_decay_mode: str = "lr_scaled"  # lr_scaled (torch: decay x lr) | absolute (DPS JAX: decay x schedule only)
+    # lr_scaled (torch: decay x lr) | absolute (DPS JAX: decay x schedule only) | jax_coupled (DPS JAX CUB:
+    # g - wd * theta before the optimiser, an L2 term of the opposite sign; see hrsel.engine.optim)
+    weight_decay_mode: str = "lr_scaled"
     weight_decay_on: str = "matrices"  # matrices (no decay on biases and norms) | all (DPS JAX)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only
@@ -80,7 +82,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    max_steps: int = 0  # 0: epochs * steps per epoch; else stop after this many updates
+    max_steps: int = 0  # 0: epochs * steps per epoch; else the run length, which the schedule is planned over
     grad_accum: int = 1  # batches per optimiser update
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, GPU only; fp32 on CPU)
     compile: bool = False  # torch.compile the pipeline

@@ -20,7 +20,7 @@ from hrsel.errors import ConfigError
 _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "piecewise", "constant"),
-    "optim.weight_decay_mode": ("lr_scaled", "absolute"),
+    "optim.weight_decay_mode": ("lr_scaled", "absolute", "jax_coupled"),
     "optim.weight_decay_on": ("matrices", "all"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }

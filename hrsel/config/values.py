@@ -24,7 +24,7 @@ POSITIVE = frozenset({
 })
 NON_NEGATIVE = frozenset({
     "num_positions", "num_patches", "n_noise", "curriculum_steps", "sigma", "sigma_final", "level", "penalty",
-    "seed", "max_shift", "policy_weight",
+    "seed", "max_shift", "policy_weight", "attention_l2",
 })
 PROBABILITY = frozenset({
     "dropout", "feature_dropout", "attention_smoothing", "alpha", "baseline_momentum", "colour_p",

@@ -40,7 +40,7 @@ from hrsel.engine.guards import (Interrupted, NonFiniteLossError, batches_on_eve
                                  first_non_finite, restore_buffers)
 from hrsel.engine.logbook import (FILE_ONLY, RunLog, Throughput, epoch_line, peak_memory_mb, progress,
                                   reset_peak_memory)
-from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, schedule_steps, set_lr
+from hrsel.engine.optim import build_optimizer, clip_gradients, lr_factor, planned_steps, schedule_steps, set_lr
 from hrsel.engine.visualize import draw_batch
 from hrsel.errors import HrselError
 from hrsel.models.candidates import pipeline_inputs
@@ -105,12 +105,14 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        full = self.cfg.train.epochs * self.updates_per_epoch
-        return min(full, self.cfg.train.max_steps) if self.cfg.train.max_steps else full
+        """The updates the schedule is planned over: train.max_steps when set (train.epochs only bounds the run)."""
+        return planned_steps(epochs=self.cfg.train.epochs, updates_per_epoch=self.updates_per_epoch,
+                             max_steps=self.cfg.train.max_steps)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._warn_if_epochs_end_the_schedule()
         try:
             while self.state.eval_pending or (self.state.epoch < self.cfg.train.epochs and not self._done()):
                 self.run_epoch()
@@ -311,6 +313,13 @@ class Trainer:
 
     def _batches_left(self) -> int:
         return math.ceil(len(self.sampler) / self.cfg.data.batch_size)
+
+    def _warn_if_epochs_end_the_schedule(self) -> None:
+        epochs, per_epoch, steps = self.cfg.train.epochs, self.updates_per_epoch, self.cfg.train.max_steps
+        if steps and epochs * per_epoch < steps and self.info.is_main:
+            log.warning("train.epochs=%d x %d updates per epoch = %d ends the run before train.max_steps=%d, "
+                        "which the schedule is planned over; raise train.epochs to at least %d to run it all",
+                        epochs, per_epoch, epochs * per_epoch, steps, math.ceil(steps / per_epoch))
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps

@@ -2,8 +2,9 @@
 
 All take x (B, K, D), an optional mask (B, K) bool (True = a real patch; padding and
 absent patches are masked everywhere) and optional positions, either (B, K) int64
-raster indices or (B, K, N) soft indicators (DPS: indicator-weighted position
-embeddings, i.e. Y @ table). They return (B, T, out_dim): T = 1, or one token per task
+raster indices, (B, K, N) soft indicators (DPS: indicator-weighted position
+embeddings, i.e. Y @ table) or `SoftCells`, soft indicators over C of the N cells
+(DPS with candidates). They return (B, T, out_dim): T = 1, or one token per task
 for cross-attention MIL pooling (`num_tokens`).
 
 Positional encodings (`pos_encoding`): none, learned (a table, no bias), sincos (a
@@ -13,6 +14,7 @@ Y @ W + b; for hard indices W[idx] + b).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,6 +35,17 @@ def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
     return table
+
+
+@dataclass(frozen=True)
+class SoftCells:
+    """K soft indicators over C grid cells: cells (B, C) int64 raster indices (-1: absent), weights (B, K, C).
+
+    The same positions as the (B, K, N) indicators that are zero outside the C cells, whose
+    encoding Y @ table is weights @ table[cells]: O(B C D) memory instead of O(B K N).
+    """
+    cells: torch.Tensor
+    weights: torch.Tensor
 
 
 class PositionalEncoding(nn.Module):
@@ -59,23 +72,34 @@ class PositionalEncoding(nn.Module):
             self.register_buffer("table", sincos_table(num_positions, dim), persistent=False)
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "dense" else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | SoftCells | None) -> torch.Tensor:
         if self.kind == "none" or positions is None:
             return x
-        num = self.table.shape[0]
-        if positions.dtype != torch.int64 and positions.shape[-1] != num:
+        pos = self._encode(positions, x.dtype)  # (B, K, D)
+        return x + pos if self.bias is None else x + pos + self.bias.to(x.dtype)
+
+    def _encode(self, positions: torch.Tensor | SoftCells, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(positions, torch.Tensor) and positions.dtype == torch.int64:  # (B, K) raster indices; -1 = absent
+            self._check_cells(positions)
+            return self.table[positions.clamp_min(0)]
+        table = self.table.to(dtype)
+        if isinstance(positions, SoftCells):
+            self._check_cells(positions.cells)
+            weights = positions.weights.to(dtype) * (positions.cells >= 0)[:, None]  # (B, K, C), none on absent
+            return torch.einsum("bkc,bcd->bkd", weights, table[positions.cells.clamp_min(0)])
+        if positions.shape[-1] != table.shape[0]:
             raise ConfigError(f"positions have {positions.shape[-1]} grid cells but pos_encoding {self.kind!r} was "
-                              f"built for model.num_positions={num}; set it to the score grid's cell count")
-        if positions.dtype == torch.int64 and positions.numel() and int(positions.max()) >= num:
-            raise ConfigError(f"a selected patch has grid position {int(positions.max())}, but pos_encoding "
+                              f"built for model.num_positions={table.shape[0]}; set it to the score grid's cell "
+                              f"count")
+        return positions.to(dtype) @ table  # (B, K, N) @ (N, D)
+
+    def _check_cells(self, cells: torch.Tensor) -> None:
+        num = self.table.shape[0]
+        if cells.numel() and int(cells.max()) >= num:
+            raise ConfigError(f"a selected patch has grid position {int(cells.max())}, but pos_encoding "
                               f"{self.kind!r} was built for model.num_positions={num} positions; set "
                               f"model.num_positions to the score grid's cell count (at least "
-                              f"{int(positions.max()) + 1} here), or model.pos_encoding=none")
-        if positions.dtype == torch.int64:  # (B, K) raster indices; -1 = absent
-            pos = self.table[positions.clamp_min(0)]  # (B, K, D)
-        else:
-            pos = positions.to(x.dtype) @ self.table.to(x.dtype)  # (B, K, N) @ (N, D)
-        return x + pos if self.bias is None else x + pos + self.bias.to(x.dtype)
+                              f"{int(cells.max()) + 1} here), or model.pos_encoding=none")
 
 
 class _Aggregator(nn.Module):

@@ -40,6 +40,10 @@ class ATSPipeline(Pipeline):
         attention_smoothing: attention = (1 - s) softmax + s / N (ATS: 1e-4).
         entropy_strength: ATS's convention, the loss gets -strength * H(attention): a positive
             strength rewards entropy (ATS speed limits: 1e-4). Not DPS's `entropy_coef`.
+        attention_l2: the loss gets attention_l2 * sum(w^2) over the kernels of the attention
+            network's convolutions but the last (no biases), as Keras's kernel_regularizer=l2(...)
+            on ATS's speed-limits attention net (1e-5); a term of the loss, so Adam and the
+            gradient clipping see it, unlike decoupled weight decay.
         sample_at_inference: draw K patches at eval too, as ATS does; False takes the top-K.
         normalize_features: L2-normalise each patch feature before the expectation (ATS's
             feature nets end with L2Normalize).
@@ -51,15 +55,20 @@ class ATSPipeline(Pipeline):
                  downscale: int = 3, scorer: str = "dps", scorer_options: dict[str, Any] | None = None,
                  backbone: str = "ats_resnet", backbone_options: dict[str, Any] | None = None,
                  head_hidden: int | str | None = None, attention_smoothing: float = 1e-4, entropy_strength: float = 0.0,
-                 sample_at_inference: bool = True, normalize_features: bool = False, coord_channels: bool = False):
+                 attention_l2: float = 0.0, sample_at_inference: bool = True, normalize_features: bool = False,
+                 coord_channels: bool = False):
         super().__init__()
         self.in_chans = in_chans  # every batch is checked against it (ImageBatch)
         if not 0.0 <= attention_smoothing < 1.0:
             raise ConfigError(f"ats: attention_smoothing={attention_smoothing!r} must be in [0, 1) (ATS: 1e-4)")
+        if not 0.0 <= attention_l2 < float("inf"):
+            raise ConfigError(f"ats: attention_l2={attention_l2!r} must be a finite number >= 0 (ATS speed limits: "
+                              f"1e-5; 0 = off)")
         self.coord_channels = coord_channels
         in_chans = in_chans + 2 * coord_channels
         self.patch_size, self.k, self.downscale = patch_size, k, downscale
-        self.attention_smoothing, self.entropy_strength = attention_smoothing, entropy_strength
+        self.attention_smoothing, self.entropy_strength, self.attention_l2 = (attention_smoothing, entropy_strength,
+                                                                               attention_l2)
         self.sample_at_inference, self.normalize_features = sample_at_inference, normalize_features
         self.scorer = build_scorer(scorer, in_chans=in_chans, **(scorer_options or {}))
         self.backbone = build_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
@@ -90,7 +99,7 @@ class ATSPipeline(Pipeline):
         pooled = expectation_without_replacement(attention, features, drawn)  # (B, D)
         return PipelineOutput(logits=self.heads(pooled[:, None]), indices=drawn.sort(dim=1).values,
                               scores=nan_outside(attention.detach(), candidates),
-                              aux_loss=self.entropy_loss(attention),
+                              aux_loss=_sum_or_none(self.entropy_loss(attention), self.l2_loss()),
                               stats={"patches_scored": float(geometry.num_patches)})
 
     def entropy_loss(self, attention: torch.Tensor) -> torch.Tensor | None:
@@ -98,3 +107,14 @@ class ATSPipeline(Pipeline):
         if not (self.training and self.entropy_strength):
             return None
         return -self.entropy_strength * attention_entropy(attention)
+
+    def l2_loss(self) -> torch.Tensor | None:
+        """ATS's l2 on the attention network's hidden kernels, attention_l2 * sum(w^2), while training; or None."""
+        if not (self.training and self.attention_l2):
+            return None
+        return self.attention_l2 * sum(w.pow(2).sum() for w in self.scorer.hidden_kernels())
+
+
+def _sum_or_none(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None

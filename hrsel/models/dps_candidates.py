@@ -3,7 +3,9 @@
 1. No grad: stream the patch grid in chunks, score every patch with the scorer (on the
    patch downscaled by `downscale`), keep the top C candidates (`iterative_topm`).
 2. With grad: re-read the C candidates, re-score them, run perturbed top-K over the C
-   candidates only, and mix the K soft patches from the C candidate patches.
+   candidates only, and mix the K soft patches from the C candidate patches. The
+   positional encoding reads the same soft indicators over the candidates' grid cells
+   (`SoftCells`), so positions pass gradient to the scores as in `hrsel.models.dps`.
 
 With `tissue=` (one mask per image) step 1 streams only the cells on tissue, image by image
 (each image has its own list, so each keeps its own C <= its tissue cells; shorter lists are
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hrsel.models.aggregators import SoftCells
 from hrsel.models.candidates import candidate_masks
 from hrsel.models.classifier import PatchClassifier
 from hrsel.models.dps import SoftTopK
@@ -44,8 +47,9 @@ class DPSCandidatesPipeline(Pipeline):
         sinkhorn_iterations, inference_selector: see `hrsel.models.dps.SoftTopK`.
         entropy_coef: coef * H(softmax(candidate scores)) added to the loss.
         backbone, backbone_options, aggregator, aggregator_options, head_hidden: see `PatchClassifier`.
-        pos_encoding, num_positions: positional table over grid cells, indexed by the hard
-            (arg-max) cell of each selected patch.
+        pos_encoding, num_positions: positional table over grid cells: while training (soft
+            selection) the K indicators over the C candidates weight their cells' rows, as DPS
+            weights the table by its (B, K, N) indicators; with hard selection, each patch's cell.
     """
 
     def __init__(self, *, tasks: dict[str, TaskSpec], in_chans: int = 3, patch_size: int = 100,
@@ -133,7 +137,8 @@ class DPSCandidatesPipeline(Pipeline):
         else:
             patches = torch.einsum("bkc,bcxyz->bkxyz", indicators.to(candidates.dtype), candidates)
         indices = found.indices.gather(1, picked)  # (B, K) grid indices of the (arg-max) selection
-        logits = self.classifier(patches, positions=indices)
+        positions = indices if indicators is None else SoftCells(cells=found.indices, weights=indicators)
+        logits = self.classifier(patches, positions=positions)
         aux = None
         if self.training and self.entropy_coef:
             aux = self.entropy_coef * entropy_regularizer(scores)

@@ -1,17 +1,21 @@
 """PatchDrop (Uzkent & Ermon, CVPR 2020): a Bernoulli keep/drop policy per patch, learnt with REINFORCE.
 
 A policy network on the downscaled image gives a keep probability per grid patch; the
-classifier sees the kept full-resolution patches. Training follows PatchDrop's code
-(pretrain.py / finetune.py): actions sampled from the bounded probabilities
-alpha p + (1 - alpha)(1 - p), reward 1 - (kept/N)^2 if every task is right else -penalty,
-self-critical baseline = the reward of the greedy policy (p >= 0.5) on the same image,
-computed by a second, no-grad classifier pass. Two stages:
+classifier sees the kept full-resolution patches. Training follows PatchDrop's released code
+(github.com/ermongroup/PatchDrop, pretrain.py / finetune.py as of commit 9e9d9fa): actions
+sampled from the bounded probabilities alpha p + (1 - alpha)(1 - p), reward 1 - (kept/N)^2
+if every task is right else -penalty, self-critical baseline = the reward of the greedy
+policy (p >= 0.5) on the same image, computed by a second, no-grad classifier pass. Two stages:
 
 - pretrain: the classifier is frozen (no gradient, eval mode) and only the policy learns,
-  against a high-resolution classifier loaded with `classifier_checkpoint`; optional
-  curriculum (PatchDrop frees one patch per epoch);
-- finetune: policy and classifier jointly; the classifier's loss is the trainer's task
-  loss on the sampled patches (PatchDrop: cross-entropy on the sampled image).
+  against a high-resolution classifier loaded with `classifier_checkpoint`;
+- finetune: policy and classifier jointly, the classifier in training mode (the released
+  finetune.py calls rnet.train()); the classifier's loss is the trainer's task loss on the
+  sampled patches (PatchDrop: cross-entropy on the sampled image).
+
+Two options keep the behaviour of PatchDrop's first commit (1df48e5), which the released code
+dropped: `curriculum_steps` (pretrain.py freed one patch per epoch) and `freeze_norm`
+(finetune.py kept the classifier in eval mode, rnet.eval()). Both are off by default.
 
 Inference keeps p >= 0.5. See hrsel/select/policy.py for the pieces. With `tissue=` (one mask
 per image) cells off tissue are always dropped and left out of the policy's loss.
@@ -61,12 +65,14 @@ class PatchDropPipeline(Pipeline):
         alpha: exploration bound of the training samples (PatchDrop: 0.8; 1 = none).
         baseline: self_critical (PatchDrop) | running_mean (of the batch rewards, `baseline_momentum`).
         curriculum_steps: pre-training curriculum over this many steps: at step t the policy decides
-            patches 0 .. t N / steps, the others are kept and left out of the loss (0 = off).
-            Training only; evaluation always lets the policy decide every patch.
+            patches 0 .. t N / steps, the others are kept and left out of the loss (0 = off, as the
+            released code; PatchDrop's first commit freed one patch per epoch). Training only;
+            evaluation always lets the policy decide every patch.
         max_kept: the classifier sees at most this many kept patches (the most probable ones);
             the reward still counts every kept patch. None = no cap (PatchDrop has none).
         freeze_norm: finetune with the classifier in eval mode (BatchNorm running statistics, no
-            dropout), as PatchDrop's finetune.py does (rnet.eval()); always so in pretrain.
+            dropout), as PatchDrop's first commit did (rnet.eval()); off by default, as the released
+            finetune.py (rnet.train()). Always so in pretrain (both versions: rnet.eval()).
         policy_weight: weight of the REINFORCE loss.
         classifier_checkpoint, policy_checkpoint: a hrsel checkpoint (file, or run folder: its
             best.pt) whose `classifier.*` / `policy.*` weights initialise this pipeline's.

@@ -25,6 +25,11 @@ class _Scorer(nn.Module):
         """(B, C, h, w) -> (B, 1, h', w') dense raw scores."""
         raise NotImplementedError
 
+    def hidden_kernels(self) -> list[torch.Tensor]:
+        """The weights of every convolution but the last, the one-channel score conv (ATS regularises these)."""
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+        return [m.weight for m in convs[:-1]]
+
     def forward(self, x: torch.Tensor, grid_shape: tuple[int, int] | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{type(self).__name__} expects (B, {self.in_chans}, h, w), got {tuple(x.shape)}")

@@ -1,7 +1,8 @@
 """A Bernoulli keep/drop policy over patches trained with REINFORCE (PatchDrop, Uzkent & Ermon 2020).
 
-A policy network gives a keep probability p_n per patch. PatchDrop's code (pretrain.py,
-finetune.py) trains it as follows, and these functions are its pieces:
+A policy network gives a keep probability p_n per patch. PatchDrop's released code
+(ermongroup/PatchDrop pretrain.py, finetune.py, commit 9e9d9fa) trains it as follows, and
+these functions are its pieces:
 
 - exploration bound: actions are sampled from p' = alpha p + (1 - alpha)(1 - p), alpha = 0.8,
   so no patch is ever kept or dropped with certainty while training;
@@ -10,8 +11,9 @@ finetune.py) trains it as follows, and these functions are its pieces:
   here `penalty` is its magnitude);
 - self-critical baseline: the reward of the greedy policy (keep p >= 0.5) on the same
   image; loss -(R(sampled) - R(greedy)) * log pi(sampled);
-- curriculum (pre-training): at stage e only patches 0..e are the policy's to choose,
-  the others are kept and left out of the loss, until all N are free.
+- curriculum (pre-training; PatchDrop's first commit, 1df48e5, not the released code):
+  at stage e only patches 0..e are the policy's to choose, the others are kept and left
+  out of the loss, until all N are free.
 
 Inference keeps p >= 0.5.
 """

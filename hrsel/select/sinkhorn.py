@@ -17,6 +17,7 @@ number of iterations gives the JAX plan even before convergence.
 
 The plan is solved in log space and differentiated implicitly at the fixed point (the
 backward of Xie et al., Alg. 3): memory O(B n k), however many iterations the forward took.
+That backward matches the JAX one at convergence only (see `SinkhornPlan`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,23 @@ def _solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 class SinkhornPlan(torch.autograd.Function):
-    """cost (B, n, m), log marginals (B, n) and (B, m), initial column potential (B, m) -> plan (B, n, m)."""
+    """cost (B, n, m), log marginals (B, n) and (B, m), initial column potential (B, m) -> plan (B, n, m).
+
+    The backward differentiates the fixed point implicitly (Xie et al. 2020, Alg. 3), and it
+    differs from the DPS JAX `sinkhorn_backward` (lib/ops/topk.py) in two ways:
+
+    - it uses the returned plan's own marginals, mu = plan.sum(2) and nu = plan.sum(1), where
+      JAX uses the target marginals it was given. After the last iteration (g updated last)
+      the columns match the targets but the rows do not until the iterations converge, so
+      the two gradients agree only at convergence; before it, this one is the exact gradient
+      of the transport problem whose solution the returned plan is, JAX's mixes the plan
+      with the targets. tests/test_select_sinkhorn.py checks both against finite differences.
+    - it solves the Schur-complement system with a pseudo-inverse (`_solve_psd`) where JAX
+      calls `inv`: the same where the system is well conditioned; near the hard limit
+      (small epsilon) the system is singular, JAX's gradient is inf/NaN and this one
+      drops the flat directions. The gauge (one dual potential fixed) is the last anchor
+      here, the first in JAX: at the fixed point the gradient does not depend on it.
+    """
 
     @staticmethod
     def forward(ctx, cost, log_mu, log_nu, g_init, epsilon, iterations, tol):
