@@ -15,6 +15,7 @@ from hrsel.errors import (
     RunFolderError,
     RunWriteError,
     SelectionError,
+    ShadowedPackageError,
     UnsupportedFormatError,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "RunFolderError",
     "RunWriteError",
     "SelectionError",
+    "ShadowedPackageError",
     "UnsupportedFormatError",
     "__version__",
     "load_model",

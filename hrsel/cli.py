@@ -7,23 +7,32 @@
 An error in `bad_input` (a bad config, data set, run folder, checkpoint or image: the user can
 fix it) prints one line and exits with status 2; any other HrselError prints one line and exits
 with 1, or 128 + the signal number when a signal stopped the run. No traceback for either.
+
+A `hrsel/` folder in the working folder that is not the package (no `__init__.py`) hides an
+editable install from `python -m hrsel.<command>`, which searches the working folder first:
+Python makes it a namespace package, the command's own modules still load, and the first
+`from hrsel import __version__` fails far from the cause. `check_package_home` names it first.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from hrsel.errors import (ChannelMismatchError, CheckpointError, ConfigError, DataError, HrselError, ImageReadError,
-                          RunFolderError)
+                          RunFolderError, ShadowedPackageError)
 
 EXIT_BAD_INPUT = 2
 # what the user can fix: the same exit status from every command
-BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError, ImageReadError)
+BAD_INPUT = (ConfigError, DataError, RunFolderError, CheckpointError, ChannelMismatchError, ImageReadError,
+             ShadowedPackageError)
 
 
 def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException], ...] = BAD_INPUT) -> int:
     """`body()`'s exit status, or the status of the hrsel error it raised (printed to stderr)."""
     try:
+        check_package_home()
         return body()
     except bad_input as e:
         print(f"error: {e}", file=sys.stderr)
@@ -32,3 +41,17 @@ def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException]
         print(f"error: {e}", file=sys.stderr)
         signum = getattr(e, "signum", 0)
         return 128 + signum if signum else 1
+
+
+def check_package_home() -> None:
+    """ShadowedPackageError when the `hrsel` Python imported is a folder without `__init__.py` (see above)."""
+    package = sys.modules.get("hrsel")
+    if package is None or hasattr(package, "__version__"):
+        return
+    home = Path(__file__).resolve().parent
+    found = [str(p) for p in getattr(package, "__path__", []) if Path(p).resolve() != home]
+    folder = found[0] if found else "a folder named hrsel"
+    raise ShadowedPackageError(
+        f"Python imported 'hrsel' from the folder {folder} (it has no __init__.py), not from the hrsel package "
+        f"in {home}: `python -m` searches the working folder ({os.getcwd()}) first, so that folder hides the "
+        f"package. Run the command from another folder, or rename {folder}")

@@ -52,3 +52,8 @@ class ImageTooLargeError(ImageReadError):
 
 class ChannelMismatchError(HrselError, ValueError):
     """An image's channel count differs from the model's in_chans (names the image, both counts and the fix)."""
+
+
+class ShadowedPackageError(HrselError, ImportError):
+    """`python -m hrsel.<command>` imported a `hrsel/` folder of the working folder instead of the package
+    (names the folder, the package and the fix)."""

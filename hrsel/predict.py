@@ -1,12 +1,13 @@
 """Predict with a trained run: class probabilities, QuPath GeoJSON, OME-Zarr score maps, heatmaps.
 
     python -m hrsel.predict runs/mnist data/new_images/ --out predictions/
-    python -m hrsel.predict runs/camelyon16 slides.csv --checkpoint last --device cuda --out preds/
+    python -m hrsel.predict runs/camelyon16 slides.csv --split test --checkpoint last --device cuda --out preds/
     python -m hrsel.predict runs/camelyon16 features/*.h5 --out preds/ --no-pictures
 
 INPUT: image files (any format hrsel reads), folders (every readable image and .h5 feature cache
 inside, sorted), manifest CSVs (a `path` column; label columns named after the tasks add
-metrics.json) or feature caches (.h5). Writes OUT/predictions.csv and, per image, OUT/<stem>.geojson,
+metrics.json, per split: a `split` column, or the run's own split of its manifest; `--split test`
+predicts only the test rows) or feature caches (.h5). Writes OUT/predictions.csv and, per image, OUT/<stem>.geojson,
 OUT/<stem>_scores.zarr and OUT/<stem>_heatmap.png; the tables are written when every image is
 done, atomically, and OUT is locked meanwhile (a second predict into it stops at once). A bad
 input (an image, a run folder, an OUT that is a file, read-only or full) exits with status 2
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, manifest .csv, .h5 caches")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for predictions.csv and the maps")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None,
+                   help="only the manifest rows of this split (default: every row; metrics.json keeps the splits "
+                        "apart)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, auto")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
     p.add_argument("--num-workers", type=int, default=0, help="processes opening inputs (default 0)")
@@ -51,10 +55,11 @@ def predict_command(args: argparse.Namespace) -> int:
         model = load_model(args.run, checkpoint=args.checkpoint, device=args.device)
         result = predict_sources(model, args.inputs, out_dir=args.out, batch_size=args.batch_size,
                                  num_workers=args.num_workers, pictures=not args.no_pictures,
-                                 gallery=args.gallery, progress=not args.no_progress, claim=False)
+                                 gallery=args.gallery, progress=not args.no_progress, claim=False,
+                                 split=args.split)
     print(f"predictions: {result.out_dir / 'predictions.csv'} ({len(result.rows)} image(s))")
-    if result.metrics:
-        print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    for split, metrics in (result.metrics or {}).items():
+        print(f"metrics of the {split} rows: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if result.files.get("geojson"):
         print(f"maps: {len(result.files['geojson'])} GeoJSON, {len(result.files['zarr'])} OME-Zarr, "
               f"{len(result.files['picture'])} heatmap(s) in {result.out_dir}")

@@ -476,10 +476,16 @@ def resume_trainer(trainer: Any, state: dict[str, Any], path: Path) -> None:
 
 def report(result: dict[str, Any]) -> None:
     """The summary a person reads at the end of a run (rank 0)."""
-    best = result["best"]
+    best, last = result["best"], result.get("last")
     if best is not None:
         print(f"best.pt: epoch {best['epoch']}, step {best['step']}, {best['selected_on']} {best['metric']} "
-              f"{best['value']:.4f}")
+              f"{best['value']:.4f}{_loss_text(best)}")
+    if best is not None and last is not None and last["epoch"] != best["epoch"]:
+        value = "n/a" if last["value"] is None else f"{last['value']:.4f}"
+        print(f"last.pt: epoch {last['epoch']}, step {last['step']}, {best['selected_on']} {last['metric']} "
+              f"{value}{_loss_text(last)}")
+    for warning in result.get("warnings", ()):
+        print(f"warning: {warning}")
     print(f"test split, evaluated once with {result['test_weights']}:")
     for key, value in result["metrics"].items():
         print(f"test {key}: {value:.4f}")
@@ -487,6 +493,10 @@ def report(result: dict[str, Any]) -> None:
     print(f"peak memory: {result['peak_memory_mb']:.0f} MB ({kind})")
     print(f"pictures: {result['pictures']}")
     print(f"run directory (config, checkpoints, metrics.csv, test_metrics.json, tensorboard): {result['run_dir']}")
+
+
+def _loss_text(summary: dict[str, Any]) -> str:
+    return "" if summary.get("loss") is None else f" (loss {summary['loss']:.4f})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,3 +43,27 @@ eval: {{pictures: 0}}
     run = base / "runs" / experiment
     assert json.loads((run / "test_metrics.json").read_text())["metrics"]
     return run
+
+
+def train_tiny_slides_run(base: Path, *, experiment: str = "tiny_slides") -> Path:
+    """IPS on your own slides: 6 pyramidal TIFFs (256 x 256 at 0.25 um/px, 2 levels) in a CSV with a split
+    column (2 train, 2 val, 2 test), read at data.target_mpp 0.5 (level 1: 128 x 128, 16 patches of 32) with
+    tissue masks; one epoch through `python -m hrsel.train` (in process). Returns the run folder."""
+    from fixtures_data import make_manifest
+    from hrsel.train import main
+
+    root = make_manifest(base / "slides")
+    config = base / "slides.yaml"
+    config.write_text(f"""
+experiment: {experiment}
+device: cpu
+data: {{name: manifest, root: {root}, manifest: slides.csv, target_mpp: 0.5, tissue: true, min_tissue_fraction: 0.25,
+        tissue_cache: {base / 'masks'}, batch_size: 1, eval_batch_size: 1}}
+model: {{name: ips, in_chans: 3, patch_size: 32, k: 2, score_chunk: 8, backbone: narrow_resnet,
+         backbone_options: {SMALL_CNN}, aggregator_options: {{heads: 2, head_dim: 4, mlp_dim: 16, dropout: 0.0}}}}
+optim: {{lr: 0.001}}
+train: {{epochs: 1, progress_bar: false}}
+eval: {{pictures: 0, metric: label/accuracy}}
+""")
+    assert main([str(config), f"--output-dir={base / 'runs'}", "--seed", "1"]) == 0
+    return base / "runs" / experiment

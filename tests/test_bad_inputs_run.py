@@ -545,3 +545,41 @@ def test_evaluate_takes_data_overrides_and_refuses_the_others(finished, tmp_path
     assert evaluate_main([str(run), "optim.lr=0.5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "optim.lr=0.5" in err and "only data.*" in err
+
+
+EDITABLE_INSTALL = r'''
+import runpy, sys
+from importlib.machinery import PathFinder
+
+package, module = sys.argv[1], sys.argv[2]  # the repository's hrsel folder; the command's module
+
+
+class EditableFinder:
+    """What `pip install -e .` (setuptools) puts on sys.meta_path: after the path search, it finds hrsel."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "hrsel" or name.rpartition(".")[0] == "hrsel":
+            return PathFinder.find_spec(name, [package.rpartition("/")[0]] if name == "hrsel" else [package])
+        return None
+
+
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, EditableFinder)
+sys.path.insert(0, "")  # python -m: the working folder first
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+'''
+
+
+def test_a_hrsel_folder_in_the_working_folder_is_named_instead_of_a_missing_version(tmp_path):
+    (tmp_path / "hrsel").mkdir()  # e.g. a folder of runs named after the project: no __init__.py
+    script = tmp_path / "editable.py"
+    script.write_text(EDITABLE_INSTALL)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the package comes from the finder only
+    out = subprocess.run([sys.executable, str(script), str(REPO / "hrsel"), "hrsel.evaluate", "runs/x"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    message = out.stderr
+    assert "error: Python imported 'hrsel' from the folder" in message and str(tmp_path / "hrsel") in message
+    assert str(REPO / "hrsel") in message and "Run the command from another folder, or rename" in message
+    assert "Traceback" not in message and "__version__" not in message

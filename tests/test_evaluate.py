@@ -96,3 +96,14 @@ def test_balanced_accuracy_and_macro_f1_on_a_known_case():
     assert values["macro_f1"] == pytest.approx((8 / 9 + 2 / 3) / 2, abs=1e-6)  # F1 0.889 and 0.667
     assert values["auc"] == pytest.approx(0.75)  # the missed positive ties the 4 negatives: (4 + 4 / 2) / 8
     assert balanced_accuracy(torch.tensor([[2, 0, 0], [0, 0, 0], [1, 0, 1]])) == pytest.approx(0.75)
+
+
+def test_validation_rows_of_a_manifest_are_named_as_such(tmp_path):
+    from inference_fixtures import train_tiny_slides_run
+
+    run = train_tiny_slides_run(tmp_path)
+    report = evaluate_run(run, split="val", out_dir=tmp_path / "out", pictures=False)
+    assert report.record["split_name"] == "val" and report.record["items"] == 2  # the CSV's val rows
+    with open(run / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert report.metrics["label/accuracy"] == pytest.approx(float(last["val/label/accuracy"]))

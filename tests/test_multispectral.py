@@ -264,7 +264,7 @@ def test_four_band_uint16_geotiffs_train_one_epoch(tmp_path, capsys):
     assert list((run / "pictures").rglob("*.png"))  # uint16 thumbnails drawn
     # predict reads the run's band_norm.json: the same probabilities as the trainer's evaluation
     from hrsel.inference import load_model, predict_sources
-    from hrsel.inference.predict import run_band_norm
+    from hrsel.inference.preprocess import run_band_norm
 
     model = load_model(run)
     assert run_band_norm(model).offset == tuple(saved["offset"])

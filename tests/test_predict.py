@@ -16,6 +16,7 @@ from hrsel.predict import main as predict_main
 from hrsel.train import main as train_main
 
 from fixtures_data import write_mnist_idx
+from inference_fixtures import train_tiny_slides_run
 
 SMALL_CNN = "{width: 8, strides: [2, 2, 2, 2], blocks: [1, 1, 1, 1]}"
 IPS = ["model.patch_size=32", "model.num_selected=3", "model.chunk_size=4", "model.pos_encoding=sincos",
@@ -124,7 +125,7 @@ def test_same_probabilities_and_accuracy_as_the_trainers_evaluation(tiny_run, tm
     code = predict_main([str(run), str(manifest), "--out", str(out), "--no-pictures", "--batch-size", "3",
                          "--no-progress"])
     assert code == 0, capsys.readouterr().err[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["unsplit"]  # a CSV without a split column
     trained = json.loads((run / "test_metrics.json").read_text())["metrics"]
     for key in ("majority/accuracy", "multi/exact_match", "multi/accuracy"):
         assert metrics[key] == pytest.approx(trained[key]), key
@@ -196,3 +197,69 @@ def test_feature_cache_bags_give_maps_from_the_stored_coords(tmp_path):
     score = np.asarray(group["0"][0])
     assert score.shape == (2, 4) and np.isnan(score[:, 2]).all() and np.isnan(score).sum() == 2  # the gap stays NaN
     assert (tmp_path / "out" / "slide_heatmap.png").exists()
+
+
+# ---- your own slides: a CSV with a split column, a run at data.target_mpp with tissue masks ----------------
+
+@pytest.fixture(scope="module")
+def slides_run(tmp_path_factory):
+    return train_tiny_slides_run(tmp_path_factory.mktemp("slides_run"))
+
+
+def test_metrics_json_keeps_the_splits_of_the_manifest_apart(slides_run, tmp_path, capsys, caplog):
+    manifest = Path(yaml_data(slides_run)["root"]) / "slides.csv"
+    out = tmp_path / "all"
+    assert predict_main([str(slides_run), str(manifest), "--out", str(out), "--no-pictures", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    record = json.loads((out / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"train", "val", "test"} and "never pooled" in record["rows"]
+    assert record["num_images"] == {"train": 2, "val": 2, "test": 2}
+    trained = json.loads((slides_run / "test_metrics.json").read_text())["metrics"]  # best.pt on the test rows
+    for key in ("label/accuracy", "label/auc"):
+        assert record["metrics"]["test"][key] == pytest.approx(trained[key], abs=1e-6), key
+    assert [row["split"] for row in _rows(out)] == ["train", "train", "val", "val", "test", "test"]
+    assert "metrics of the test rows: label/accuracy" in printed.out and "also holds the train and val" in caplog.text
+
+    only = tmp_path / "test"
+    code = predict_main([str(slides_run), str(manifest), "--out", str(only), "--split", "test", "--no-pictures",
+                         "--no-progress"])
+    assert code == 0
+    record_test = json.loads((only / "metrics.json").read_text())
+    assert record_test["metrics"] == {"test": record["metrics"]["test"]}
+    assert record_test["rows"] == "only the rows of split 'test' (--split test)" and len(_rows(only)) == 2
+
+    image = manifest.parent / "slides" / "a.tif"
+    code = predict_main([str(slides_run), str(image), "--out", str(tmp_path / "x"), "--split", "test"])
+    err = capsys.readouterr().err
+    assert code == 2 and "have no split" in err and "a.tif" in err
+
+
+def test_loaded_model_predict_applies_the_runs_preprocessing_like_hrsel_predict(slides_run, tmp_path):
+    from hrsel.inference import load_model, predict_sources
+    from hrsel.io import open_image
+    from hrsel.io.level_view import LevelView
+
+    model = load_model(slides_run)
+    image = Path(yaml_data(slides_run)["root"]) / "slides" / "e.tif"  # 256 x 256 at 0.25 um/px, trained at 0.5
+    row = predict_sources(model, [image], out_dir=tmp_path / "out", pictures=False).rows[0]
+    for given in (image, str(image), open_image(str(image))):
+        result = model.predict(given)
+        assert isinstance(result.image, LevelView) and tuple(result.image.dimensions) == (128, 128)
+        assert result.tissue is not None and tuple(result.tissue.image_size) == (128, 128)
+        assert result.predicted["label"] == row["label/predicted"]
+        for name in ("normal", "tumor"):
+            assert result.probabilities["label"][name] == pytest.approx(float(row[f"label/prob/{name}"]), abs=2e-6)
+    assert result.output.scores.shape == (1, 16)  # 4 x 4 patches of 32 at 0.5 um/px
+    with torch.no_grad():  # the bare pipeline on level 0 scores another grid: why predict exists
+        raw = model.pipeline([open_image(str(image))])
+    assert raw.scores.shape == (1, 64)
+    prepared, mask = model.prepare(image)
+    with torch.no_grad():
+        same = model.pipeline([prepared], tissue=[mask])
+    torch.testing.assert_close(same.logits["label"], result.logits["label"])
+
+
+def yaml_data(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]

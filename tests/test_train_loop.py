@@ -383,14 +383,15 @@ class _Named(torch.utils.data.Dataset):
         return {"image": self.x[i], "targets": {"c": torch.tensor(i % 2)}, "id": f"{self.name}{i}"}
 
 
-def _scripted_trainer(tmp_path, *, with_val: bool):
-    """A Trainer whose evaluate() returns scripted accuracies: validation peaks at epoch 1, test at epoch 3."""
+def _scripted_trainer(tmp_path, *, with_val: bool, val=(0.9, 0.5, 0.6), val_loss=(1.0, 1.0, 1.0), fit=True):
+    """A Trainer whose evaluate() returns scripted accuracies and losses: by default validation peaks at
+    epoch 1, test at epoch 3. `fit=False`: the trainer, not yet run."""
     from hrsel.config import Config
     from hrsel.engine.distributed import DistInfo
     from hrsel.engine.loop import Trainer
     from hrsel.tasks import TaskSpec
 
-    script = {"val": [0.9, 0.5, 0.6], "test": [0.3, 0.5, 0.95]}
+    script = {"val": list(zip(val, val_loss)), "test": [(0.3, 1.0), (0.5, 1.0), (0.95, 1.0)]}
 
     class Scripted(Trainer):
         calls: list = []
@@ -399,8 +400,8 @@ def _scripted_trainer(tmp_path, *, with_val: bool):
             weights = self.module.lin.weight.detach().clone()
             final = pictures == "test/"
             self.calls.append((dataset.name, self.state.epoch + 1, final, weights))
-            value = 0.0 if final else script[dataset.name][self.state.epoch]
-            return {"c/accuracy": value, "loss": 1.0}
+            value, loss = (0.0, 1.0) if final else script[dataset.name][self.state.epoch]
+            return {"c/accuracy": value, "loss": loss}
 
     cfg = Config(device="cpu")
     cfg.data.batch_size, cfg.train.epochs, cfg.train.progress_bar, cfg.eval.pictures = 4, 3, False, 0
@@ -413,7 +414,7 @@ def _scripted_trainer(tmp_path, *, with_val: bool):
                        train_set=_Named("train", 8), val_set=_Named("val", 4) if with_val else None,
                        test_set=_Named("test", 4), device=torch.device("cpu"), info=DistInfo(), run_dir=tmp_path,
                        collate_fn=collate)
-    return trainer, trainer.fit()
+    return trainer, trainer.fit() if fit else None
 
 
 def test_best_pt_follows_validation_where_validation_and_test_disagree(tmp_path):
@@ -426,7 +427,8 @@ def test_best_pt_follows_validation_where_validation_and_test_disagree(tmp_path)
     torch.testing.assert_close(calls[-1][3], calls[0][3])  # test scored with epoch 1's weights ...
     assert not torch.equal(calls[-1][3], calls[2][3])  # ... not the last ones
     assert result["test_weights"] == "best.pt (epoch 1, step 2)"
-    assert result["best"] == {"selected_on": "val", "metric": "c/accuracy", "value": 0.9, "epoch": 1, "step": 2}
+    assert result["best"] == {"selected_on": "val", "metric": "c/accuracy", "value": 0.9, "loss": 1.0, "epoch": 1,
+                              "step": 2}
     rows = all_rows(tmp_path)
     assert [r["val/c/accuracy"] for r in rows] == ["0.9", "0.5", "0.6"] and rows[-1]["test/c/accuracy"] == "0.0"
 
@@ -436,3 +438,46 @@ def test_val_split_none_selects_on_test_as_before(tmp_path):
     assert [(name, final) for name, _, final, _ in trainer.calls] == [("test", False)] * 3 + [("test", True)]
     assert result["best"]["epoch"] == 3 and result["best"]["selected_on"] == "test"
     assert "test/c/accuracy" in all_rows(tmp_path)[0]
+
+
+def test_a_tied_validation_metric_goes_to_the_epoch_with_the_lower_validation_loss(tmp_path):
+    _, result = _scripted_trainer(tmp_path, with_val=True, val=(0.5, 0.5, 0.5), val_loss=(0.7, 0.6, 0.65))
+    assert result["best"]["epoch"] == 2 and result["best"]["loss"] == 0.6  # not epoch 1, the least trained
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["train_state"]["best_loss"] == 0.6
+    _, result = _scripted_trainer(tmp_path / "better", with_val=True, val=(0.5, 1.0, 0.5), val_loss=(0.2, 0.9, 0.1))
+    assert result["best"]["epoch"] == 2  # a better metric wins whatever the loss
+
+
+def test_resumed_run_keeps_the_tie_breaking_loss(tmp_path):
+    from hrsel.engine.checkpoint import load_checkpoint
+
+    script = dict(val=(0.5, 0.5, 0.5), val_loss=(0.7, 0.6, 0.65))
+    first, _ = _scripted_trainer(tmp_path / "a", with_val=True, fit=False, **script)
+    first.run_epoch()  # epoch 1 evaluated and checkpointed, then the process "dies"
+    first.runlog.close()
+    resumed, _ = _scripted_trainer(tmp_path / "a", with_val=True, fit=False, **script)
+    resumed.resume(load_checkpoint(tmp_path / "a"))
+    assert resumed.state.best_loss == 0.7
+    result = resumed.fit()
+    _, uninterrupted = _scripted_trainer(tmp_path / "b", with_val=True, **script)
+    assert result["best"] == uninterrupted["best"] and result["best"]["epoch"] == 2
+
+
+def test_small_validation_set_and_a_first_epoch_best_are_named_with_the_fix(tmp_path, caplog, capsys):
+    from hrsel.train import report
+
+    with caplog.at_level("WARNING", logger="hrsel.engine.loop"):
+        _, result = _scripted_trainer(tmp_path, with_val=True)  # 4 validation items; best.pt = epoch 1 of 3
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "has only 4 item(s)" in warned and "eval.metric=loss" in warned and "--checkpoint last" in warned
+    assert len(result["warnings"]) == 1 and "best.pt is epoch 1, the first evaluated one" in result["warnings"][0]
+    record = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert record["warnings"] == result["warnings"]
+    assert record["last"] == {"metric": "c/accuracy", "value": 0.6, "loss": 1.0, "epoch": 3, "step": 6}
+    report({**result, "device": "cpu", "peak_memory_mb": 1.0})
+    printed = capsys.readouterr().out
+    assert "last.pt: epoch 3, step 6, val c/accuracy 0.6000" in printed and "warning: best.pt is epoch 1" in printed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hrsel.engine.loop"):
+        _, result = _scripted_trainer(tmp_path / "later", with_val=True, val=(0.5, 0.9, 0.6))
+    assert result["warnings"] == [] and "first evaluated" not in caplog.text  # best.pt is epoch 2

@@ -7,7 +7,7 @@
 the image's path, size on disk, modification time, pixel dimensions and the mask options: a
 changed image or option recomputes it. `<folder>/<id>_tissue.png` is the QC picture (the
 thumbnail, glass dimmed, the mask outlined), drawn when the mask is computed. An unwritable
-folder keeps the masks in memory only (one warning).
+folder keeps the masks in memory only (one warning); folder None keeps them there by design.
 """
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ def safe_name(item_id: str) -> str:
 class TissueCache:
     """One `TissueMask` per image id, from memory, the cache folder or the image's thumbnail."""
 
-    def __init__(self, folder: str | os.PathLike, *, min_fraction: float = 0.5, max_size: int = 1024):
-        self.folder, self.min_fraction, self.max_size = Path(folder), float(min_fraction), int(max_size)
+    def __init__(self, folder: str | os.PathLike | None, *, min_fraction: float = 0.5, max_size: int = 1024):
+        self.folder = None if folder is None else Path(folder)
+        self.min_fraction, self.max_size = float(min_fraction), int(max_size)
         self._memo: dict[str, Any] = {}
-        self._writable = True
+        self._writable = self.folder is not None
 
     def key(self, source: Any, path: str | None) -> str:
         stat = ""
@@ -60,8 +61,8 @@ class TissueCache:
         if item_id in self._memo:
             return self._memo[item_id]
         name, key = safe_name(item_id), self.key(source, path)
-        file = self.folder / f"{name}.npz"
-        mask = TissueMask.load(file, min_fraction=self.min_fraction, key=key)
+        file = None if self.folder is None else self.folder / f"{name}.npz"
+        mask = None if file is None else TissueMask.load(file, min_fraction=self.min_fraction, key=key)
         if mask is None:
             thumbnail = source.thumbnail(self.max_size)
             mask = compute_tissue_mask(source, thumbnail=thumbnail, min_fraction=self.min_fraction)

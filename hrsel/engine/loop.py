@@ -6,7 +6,9 @@
     result = trainer.fit()
 
 Each evaluation epoch scores the validation set (`val/...` in metrics.csv) and best.pt keeps
-the weights with the best `eval.metric` on it. When training ends, the test set is evaluated
+the weights with the best `eval.metric` on it, a tie going to the lower validation loss
+(selection.py; a warning says when the set is too small to select on, or when best.pt is the
+first evaluated epoch). When training ends, the test set is evaluated
 once, with best.pt's weights: `test/...` in the last metrics.csv row and `test_metrics.json`.
 Without a validation set (`data.val_split: none`) the test set is scored every evaluation
 epoch (`test/...`) and best.pt is selected on it, the optimistic pre-validation behaviour.
@@ -36,6 +38,7 @@ from hrsel.config import Config
 from hrsel.engine import checkpoint as ckpt
 from hrsel.engine import distributed as dist
 from hrsel.engine import metrics as M
+from hrsel.engine import selection
 from hrsel.engine.guards import (Interrupted, NonFiniteLossError, batches_on_every_rank, copy_buffers,
                                  first_non_finite, restore_buffers)
 from hrsel.engine.logbook import (FILE_ONLY, RunLog, Throughput, epoch_line, peak_memory_mb, progress,
@@ -59,6 +62,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch already consumed
     best: float | None = None  # the best eval.metric on the selection set (validation), kept in best.pt
     best_metric: str = ""  # its name, e.g. "majority/accuracy"
+    best_loss: float | None = None  # the selection set's loss at best.pt: breaks ties of eval.metric
     best_epoch: int = 0  # the epoch (1-based, as in metrics.csv) and the step of best.pt
     best_step: int = 0
     nan_skips: int = 0
@@ -114,12 +118,15 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._warn_if_epochs_end_the_schedule()
         try:
+            self._warn_if_few_to_select_on()
             while self.state.eval_pending or (self.state.epoch < self.cfg.train.epochs and not self._done()):
                 self.run_epoch()
             self._check_updated()
             weights = self._load_best()
-            metrics = self.final_test(weights)
-            return {"metrics": metrics, "best": self._best_summary(), "test_weights": weights,
+            warnings = self._selection_warnings()
+            metrics = self.final_test(weights, warnings=warnings)
+            return {"metrics": metrics, "best": self._best_summary(), "last": self._last_summary(),
+                    "warnings": warnings, "test_weights": weights,
                     "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
                     "step": self.state.step,
                     "run_dir": str(self.run_dir), "pictures": str(self.run_dir / "pictures")}
@@ -431,16 +438,38 @@ class Trainer:
                   ", evaluating" if self.state.eval_pending else "", kept, exc_info=error, extra=FILE_ONLY)
 
     def _is_best(self, metrics: dict[str, float], *, epoch: int) -> bool:
+        """Better on eval.metric than best.pt, or tied with a lower loss (and a finite model): the new best."""
         if not metrics:
             return False
         key = self._selection_metric(metrics)
-        value, lower = metrics[key], key.endswith("loss")
-        better = self.state.best is None or (value < self.state.best if lower else value > self.state.best)
-        if better and math.isfinite(value) and not self._unfit_for_best(key, value):
-            self.state.best, self.state.best_metric = value, key
-            self.state.best_epoch, self.state.best_step = epoch, self.state.step
-            return True
-        return False
+        value, loss = metrics[key], metrics.get("loss")
+        if not selection.improves(value, loss, metric=key, best=self.state.best, best_loss=self.state.best_loss):
+            return False
+        if self._unfit_for_best(key, value):
+            return False
+        self.state.best, self.state.best_metric, self.state.best_loss = value, key, loss
+        self.state.best_epoch, self.state.best_step = epoch, self.state.step
+        return True
+
+    def _warn_if_few_to_select_on(self) -> None:
+        chosen = self.test_set if self.val_set is None else self.val_set
+        warning = selection.few_items_warning(len(chosen), set_name=self.selection, metric=self.cfg.eval.metric)
+        if warning and self.info.is_main:
+            log.warning(warning)
+
+    def _selection_warnings(self) -> list[str]:
+        """What makes best.pt a weak choice, logged and kept for the summary and test_metrics.json."""
+        if self.state.best is None:
+            return []
+        first = min(self.cfg.train.eval_every, self.cfg.train.epochs)
+        warning = selection.first_epoch_warning(best_epoch=self.state.best_epoch, first_epoch=first,
+                                                last_epoch=self.state.epoch, set_name=self.selection,
+                                                metric=self.state.best_metric, value=self.state.best)
+        if warning is None:
+            return []
+        if self.info.is_main:
+            log.warning(warning)
+        return [warning]
 
     def _unfit_for_best(self, key: str, value: float) -> bool:
         """A model whose last batches were skipped for a non-finite loss, or that holds nan/inf, is no best.pt."""
@@ -476,7 +505,7 @@ class Trainer:
         self.module.load_state_dict(best["model"])
         return f"best.pt (epoch {self.state.best_epoch}, step {self.state.best_step})"
 
-    def final_test(self, weights: str) -> dict[str, float]:
+    def final_test(self, weights: str, *, warnings: list[str] = ()) -> dict[str, float]:
         """Score the test set once; rank 0 writes test_metrics.json and the `test/...` of the last CSV row."""
         metrics = self.evaluate(self.test_set, pictures="test/")
         log.info("test split (%d items) scored once with %s: %s", len(self.test_set), weights,
@@ -484,7 +513,8 @@ class Trainer:
         if not self.info.is_main:
             return metrics
         finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no nan
-        record = {"weights": weights, "best": self._best_summary(), "items": len(self.test_set), "metrics": finite}
+        record = {"weights": weights, "best": self._best_summary(), "last": self._last_summary(),
+                  "items": len(self.test_set), "metrics": finite, "warnings": list(warnings)}
         (self.run_dir / "test_metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         if self.selection == "val" and self.runlog.rows:  # with val_split=none the rows hold test/... already
             self.runlog.epoch({**self.runlog.rows[-1], **{f"test/{k}": v for k, v in metrics.items()}})
@@ -494,7 +524,19 @@ class Trainer:
         if self.state.best is None:
             return None
         return {"selected_on": self.selection, "metric": self.state.best_metric, "value": self.state.best,
-                "epoch": self.state.best_epoch, "step": self.state.best_step}
+                "loss": self.state.best_loss, "epoch": self.state.best_epoch, "step": self.state.best_step}
+
+    def _last_summary(self) -> dict[str, Any] | None:
+        """last.pt's epoch and its selection metric and loss (the last evaluated row of metrics.csv), to set
+        beside best.pt's."""
+        metric = self.state.best_metric
+        rows = [r for r in self.runlog.rows if f"{self.selection}/{metric}" in r]
+        if not metric or not rows:
+            return None
+        row = rows[-1]
+        return {"metric": metric, "value": _finite(row[f"{self.selection}/{metric}"]),
+                "loss": _finite(row.get(f"{self.selection}/loss")), "epoch": int(float(row["epoch"])),
+                "step": int(float(row["step"]))}
 
     @staticmethod
     def _accumulate(sums: dict[str, float], logs: dict[str, float]) -> None:
@@ -508,6 +550,15 @@ class Trainer:
                                                   dtype=torch.float64), self.info)
         n = max(totals[0].item(), 1.0)
         return {k: totals[i + 1].item() / n for i, k in enumerate(keys)}
+
+
+def _finite(value: Any) -> float | None:
+    """A metrics.csv cell (a float, or its text on a resumed run) as a float; None when empty or not finite."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class _null:

@@ -61,7 +61,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     from hrsel.engine.checkpoint import plain
     from hrsel.data.band_norm import with_band_norm
     from hrsel.inference.load import load_model, resolve_checkpoint
-    from hrsel.inference.predict import run_band_norm
+    from hrsel.inference.preprocess import run_band_norm
 
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}: 'test' is the run's test split "
@@ -160,11 +160,13 @@ def split_dataset(cfg: Any, split: str, *, run_dir: Path) -> tuple[Any, str]:
         if mode == "none":
             raise ConfigError(f"the run in {run_dir} has no validation set (data.val_split: none: best.pt was "
                               f"selected on the test split {cfg.data.eval_split!r}); evaluate --split test")
-        if mode == "holdout":
+        if mode == "holdout":  # or the data set's own validation rows, known once train is open (a manifest)
             splits = build_datasets(cfg)
             # the items the run validated on (validation.json), or a DataError naming what changed
             record_validation(splits, run_dir / "validation.json", resuming=True, write=False)
-            dataset, name = splits.val, f"holdout of {cfg.data.train_split!r}"
+            held_out = splits.record["val_split"] == "holdout"
+            dataset = splits.val
+            name = f"holdout of {cfg.data.train_split!r}" if held_out else splits.record["val_split"]
         else:
             dataset, name = open_split(cfg, mode, for_eval=True), mode
     limited = _limit(dataset, cfg.data.limit_eval)

@@ -2,11 +2,15 @@
 
     items = expand_inputs(["slide.svs", "folder/", "cohort.csv", "features/slide2.h5"])
 
-Each input becomes `PredictInput`s (path, kind "image" | "bag", labels from a manifest or None).
+Each input becomes `PredictInput`s (path, kind "image" | "bag", labels and split from a manifest).
 Folders contribute every readable image (and `.h5` feature cache) directly inside them, sorted by
 name; a manifest CSV its rows (read with `hrsel.data.manifest.read_manifest` when that module
 exists, else a CSV with a `path` column relative to the CSV and optional label columns named
 after the tasks). Nothing here reads pixels: sources are opened when an item is predicted.
+
+A row's split is the run's own when the CSV is the run's manifest (`data.fold`, `test_fraction`
+and `split_seed` applied as in training: `manifest_splits`), else the CSV's `split` column as
+written, else None (an image or folder, or a CSV without one).
 """
 from __future__ import annotations
 
@@ -33,17 +37,19 @@ class PredictInput:
     kind: str  # "image" | "bag"
     labels: dict[str, str] = field(default_factory=dict)  # task -> label text from a manifest ("" = unknown)
     id: str = ""
+    split: str | None = None  # train / val / test of a manifest row (None: no split known)
 
     def __post_init__(self):
         self.id = self.id or str(self.path)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] | None = None,
-                  class_names: dict[str, list[str]] | None = None,
-                  out_dir: str | os.PathLike | None = None) -> list[PredictInput]:
+                  class_names: dict[str, list[str]] | None = None, out_dir: str | os.PathLike | None = None,
+                  config: Any = None) -> list[PredictInput]:
     """Resolve files, folders and manifests into the items to predict, in order; errors name the input.
 
-    `tasks` / `class_names` (the model's) say which manifest columns are labels. A folder that is
+    `tasks` / `class_names` (the model's) say which manifest columns are labels; `config` (the run's)
+    gives the rows of the run's own manifest the run's splits. A folder that is
     `out_dir` or an earlier predict's output (it holds predictions.csv) contributes no file predict
     wrote (heatmaps, score maps); any other file of a folder that is no image is named in a warning."""
     items: list[PredictInput] = []
@@ -58,7 +64,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] 
                 raise ImageReadError(f"folder {str(path)!r} holds no readable image or .h5 feature cache")
             items.extend(found)
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            items.extend(read_manifest_inputs(path, tasks, class_names))
+            items.extend(read_manifest_inputs(path, tasks, class_names, config=config))
         else:
             items.append(PredictInput(path=path, kind=_kind(path)))
     if not items:
@@ -118,8 +124,9 @@ def _folder_items(folder: Path, *, own_outputs: bool = False) -> list[PredictInp
 
 
 def read_manifest_inputs(path: Path, tasks: dict[str, Any] | None = None,
-                         class_names: dict[str, list[str]] | None = None) -> list[PredictInput]:
-    """The rows of a manifest CSV as inputs, with the labels of the model's `tasks` when it has those columns.
+                         class_names: dict[str, list[str]] | None = None, *, config: Any = None) -> list[PredictInput]:
+    """The rows of a manifest CSV as inputs, with the labels of the model's `tasks` when it has those columns,
+    and their splits (`manifest_splits`).
 
     With label columns, `hrsel.data.manifest.read_manifest` reads and checks it (every bad row in one
     DataError); a CSV of paths only is read here (the manifest data set needs labels).
@@ -138,8 +145,38 @@ def read_manifest_inputs(path: Path, tasks: dict[str, Any] | None = None,
         names = (class_names or {}).get(task)
         wanted[task] = {"kind": kind, "classes": names} if names and kind != "binary" else kind
     table = read_manifest(path, tasks=wanted)
-    return [PredictInput(path=Path(p), kind=_kind(Path(p)), labels=dict(labels), id=str(i))
-            for p, labels, i in _table_rows(table)]
+    splits, rule = manifest_splits(table, config)
+    log.info("manifest %s: rows split by %s", path, rule)
+    return [PredictInput(path=Path(p), kind=_kind(Path(p)), labels=dict(labels), id=str(i), split=split)
+            for (p, labels, i), split in zip(_table_rows(table), splits)]
+
+
+def manifest_splits(table: Any, config: Any = None) -> tuple[list[str | None], str]:
+    """(the split of every row, the rule that gave them): the run's own split when `table` is the run's
+    manifest (`config`: the run's config), else the CSV's split column as written, else None per row."""
+    if _is_run_manifest(table.csv, config):
+        from hrsel.data.manifest import assign_splits
+
+        options = config.data.options
+        splits, record = assign_splits(table, fold=options.get("fold"),
+                                       test_fraction=options.get("test_fraction", 0.2),
+                                       split_seed=options.get("split_seed", 0))
+        return list(splits), f"the run's own split of its manifest ({record['rule']})"
+    if table.has_split:
+        return [row.split for row in table.rows], "the CSV's split column"
+    return [None] * len(table.rows), "nothing (the CSV has no split column)"
+
+
+def _is_run_manifest(csv_path: Path, config: Any) -> bool:
+    data = getattr(config, "data", None)
+    if data is None or data.name != "manifest":
+        return False
+    name = (data.options or {}).get("manifest", "slides.csv")
+    own = Path(name) if Path(name).is_absolute() else Path(data.root) / name
+    try:
+        return own.is_file() and os.path.samefile(own, csv_path)
+    except OSError:
+        return False
 
 
 def _table_rows(table: Any):
@@ -166,5 +203,14 @@ def _read_csv_manifest(path: Path, *, labelled: list[str]) -> list[PredictInput]
         target = Path(value) if Path(value).is_absolute() else path.parent / value
         labels = {k: (row.get(k) or "").strip() for k in labelled if k in row}
         items.append(PredictInput(path=target, kind=_kind(target), labels=labels,
-                                  id=(row.get("id") or "").strip() or value))
+                                  id=(row.get("id") or "").strip() or value, split=_split_cell(path, line, row)))
     return items
+
+
+def _split_cell(path: Path, line: int, row: dict[str, str]) -> str | None:
+    from hrsel.data.manifest_table import SPLITS
+
+    text = (row.get("split") or "").strip()
+    if text and text.lower() not in SPLITS:
+        raise DataError(f"manifest {str(path)!r} line {line}: split {text!r} must be train, val or test (or empty)")
+    return SPLITS.get(text.lower()) if text else None

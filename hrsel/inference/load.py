@@ -3,7 +3,15 @@
     model = load_model("runs/mnist")                         # best.pt of the run, on the CPU, in eval mode
     model = load_model("runs/mnist", checkpoint="last", device="cuda")
     model = load_model("runs/mnist/best.pt")
-    out = model.pipeline(images)                             # PipelineOutput; model.class_names names the classes
+    result = model.predict("slide.svs")                      # the run's preprocessing, then the pipeline
+    result.probabilities["label"], result.predicted["label"]  # = hrsel.predict's row for that image
+
+`model.predict` takes a path (an image, or an .h5 feature cache), an `ImageSource` or an array
+and applies what the run's data set did before the pipeline (`hrsel.inference.preprocess`): the
+level at `data.target_mpp`, `data.band_norm`, the `data.tissue` mask. `model.pipeline` is the bare
+network: it takes images already prepared that way (`image, tissue = model.prepare(path)`, then
+`model.pipeline([image], tissue=[tissue])` for a run with data.tissue, else `model.pipeline([image])`);
+given a slide's level 0 it silently scores other pixels than the run was trained on.
 
 A checkpoint written by the trainer carries what it needs to be rebuilt on its own: the resolved
 config (a plain dict), the task specs, the class names and the hrsel version. It is read with
@@ -51,6 +59,24 @@ class LoadedModel:
     def device(self) -> torch.device:
         first = next(iter(self.pipeline.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
+
+    def predict(self, image: Any, *, tissue_cache: str | os.PathLike | None = None) -> Any:
+        """Predict one image as `hrsel.predict` does (the run's preprocessing, eval mode, no grad, the
+        trainer's seed): an `hrsel.inference.predict.ImagePrediction` with the probabilities and the predicted
+        class of every task, the pipeline's output and the image as it read it. `image`: a path (an image file
+        or an .h5 feature cache), an `ImageSource` or an array. `tissue_cache`: a folder to keep the tissue
+        masks of a run with data.tissue in (None: computed each call)."""
+        from hrsel.inference.predict import predict_image
+
+        return predict_image(self, image, tissue_folder=tissue_cache)
+
+    def prepare(self, image: Any) -> tuple[Any, Any]:
+        """(the image as the run's pipeline expects it, its tissue mask or None): `image` (a path, an
+        `ImageSource` or an array) at the run's data.target_mpp, with its data.band_norm, and the data.tissue
+        mask; `self.pipeline([image], tissue=[mask])` then scores what training scored."""
+        from hrsel.inference.preprocess import RunPreprocessing
+
+        return RunPreprocessing.of(self).image(image)
 
 
 def resolve_checkpoint(path: str | os.PathLike, checkpoint: str = "best") -> Path:

@@ -2,14 +2,19 @@
 
     model = load_model("runs/camelyon16")
     result = predict_sources(model, ["slides/", "extra.svs"], out_dir="predictions")
+    result = predict_sources(model, ["slides.csv"], out_dir="predictions", split="test")   # test rows only
+    one = predict_image(model, "extra.svs")      # = model.predict("extra.svs"): no files written
 
 Per image, in `out_dir`: a row of `predictions.csv` (the predicted class of every task and the
-probability of every class, `<task>/prob/<class>`), `<stem>.geojson` (the scored patches for
-QuPath, see `geojson.py`), `<stem>_scores.zarr` (the score map as OME-Zarr for napari, see
-`scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False` skips it). With
-labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task.
+probability of every class, `<task>/prob/<class>`, and the row's `split`), `<stem>.geojson` (the
+scored patches for QuPath, see `geojson.py`), `<stem>_scores.zarr` (the score map as OME-Zarr for
+napari, see `scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False` skips it).
+With labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task and
+per split, never pooled across splits: `{"metrics": {"test": {...}, "train": {...}}, ...}`, rows
+without a split under "unsplit" (`inputs.manifest_splits` says which rows are which).
 `out_dir` is locked while a predict runs, and both tables are written when every image is done,
-atomically (`outputs.py`); the files predict writes are never read back as inputs.
+atomically (`outputs.py`); the files predict writes are never read back as inputs. Each input
+goes through the run's preprocessing (`preprocess.py`: target_mpp, band_norm, tissue masks).
 
 Memory is the training pipeline's: images are lazy sources streamed in chunks by the pipeline,
 the picture reads a thumbnail and the K selected patches, and the outputs are built from the
@@ -23,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,61 +41,100 @@ from hrsel.errors import DataError, SelectionError
 from hrsel.inference.inputs import PredictInput, expand_inputs
 from hrsel.inference.outputs import (MAP_SUFFIXES, METRICS, PREDICTIONS, TISSUE, claim_output_folder, write_table,
                                      writing)
-from hrsel.inference.rows import csv_columns, encode_labels, prediction_row, probabilities, split_metrics
+from hrsel.inference.preprocess import RunPreprocessing
+from hrsel.inference.rows import (csv_columns, encode_labels, prediction_row, probabilities, split_metrics,
+                                  task_prediction)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PredictResult", "predict_sources", "probabilities", "output_stem"]
+__all__ = ["ImagePrediction", "PredictResult", "predict_image", "predict_sources", "probabilities", "output_stem"]
+
+SPLITS = ("train", "val", "test")
+UNSPLIT = "unsplit"  # the metrics.json group of inputs without a split (images, folders, CSVs without one)
 
 
 @dataclass
 class PredictResult:
     out_dir: Path
     rows: list[dict[str, Any]]  # one per image, as in predictions.csv
-    metrics: dict[str, float] | None = None  # over the labelled images, when any
+    metrics: dict[str, dict[str, float]] | None = None  # split -> metrics over its labelled images, when any
     files: dict[str, list[Path]] = field(default_factory=dict)  # "geojson" | "zarr" | "picture" -> paths
+
+
+@dataclass
+class ImagePrediction:
+    """One image predicted with the run's preprocessing (`predict_image`, `LoadedModel.predict`)."""
+
+    probabilities: dict[str, dict[str, float]]  # task -> {class name: probability}, as predictions.csv
+    predicted: dict[str, str]  # task -> the predicted class name (multilabel: the names over 0.5, `a|b`)
+    logits: dict[str, torch.Tensor]  # task -> (1, C) (binary: (1, 1))
+    output: Any  # the pipeline's PipelineOutput for the batch of one: scores (1, N), indices (1, K)
+    image: Any  # the image as the pipeline read it (a LevelView at the run's data.target_mpp), or a bag (N, D)
+    tissue: Any = None  # its tissue mask (runs with data.tissue)
 
 
 # ---------------------------------------------------------------------------------------- the loop
 
 def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, out_dir: str | Path,
                     batch_size: int = 1, num_workers: int = 0, pictures: bool = True, gallery: int = 8,
-                    progress: bool = False, claim: bool = True) -> PredictResult:
+                    progress: bool = False, claim: bool = True, split: str | None = None) -> PredictResult:
     """Predict every input (files, folders, manifest CSVs, .h5 caches; see `inputs.expand_inputs`).
 
     `model`: a `LoadedModel` (`hrsel.inference.load_model`). Images of one batch are run together
     when they have the same size and channels (the pipelines batch images of one size). `out_dir` is
     locked for the run (`outputs.claim_output_folder`; `claim=False`: the caller holds the lock) and
-    its tables are written at the end, atomically.
+    its tables are written at the end, atomically. `split` ("train", "val" or "test"): only the
+    manifest rows of that split; an input without a split is then a DataError naming it.
     """
     if batch_size < 1 or num_workers < 0:
         raise DataError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
+    if split is not None and split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)} (the manifest rows to predict)")
     out_dir = Path(out_dir)
     lock = claim_output_folder(out_dir) if claim else None
     try:
         items: list[PredictInput] = []
         for given in inputs:
             items.extend([given] if isinstance(given, PredictInput) else
-                         expand_inputs([given], tasks=model.tasks, class_names=model.class_names, out_dir=out_dir))
-        return _predict(model, items, out_dir, batch_size=batch_size, num_workers=num_workers, pictures=pictures,
-                        gallery=gallery, progress=progress)
+                         expand_inputs([given], tasks=model.tasks, class_names=model.class_names, out_dir=out_dir,
+                                       config=model.config))
+        return _predict(model, rows_of_split(items, split), out_dir, batch_size=batch_size,
+                        num_workers=num_workers, pictures=pictures, gallery=gallery, progress=progress, split=split)
     finally:
         if lock is not None:
             lock.release()
 
 
+def rows_of_split(items: list[PredictInput], split: str | None) -> list[PredictInput]:
+    """The items of `split` (all of them for None); an input without a split cannot be told apart: DataError."""
+    if split is None:
+        return items
+    unsplit = [item for item in items if item.split is None]
+    if unsplit:
+        shown = ", ".join(str(item.path) for item in unsplit[:3]) + (" ..." if len(unsplit) > 3 else "")
+        raise DataError(f"--split {split} keeps the manifest rows of split {split!r}, but {len(unsplit)} input(s) "
+                        f"have no split ({shown}): images, folders and CSVs without a split column. Give a CSV "
+                        f"with a split column (or the run's own manifest), or leave --split out")
+    kept = [item for item in items if item.split == split]
+    if not kept:
+        counts = {name: sum(item.split == name for item in items) for name in SPLITS}
+        raise DataError(f"--split {split}: no input row is in split {split!r} (rows per split: {counts})")
+    log.info("--split %s: predicting the %d row(s) of split %r, leaving out %d", split, len(kept), split,
+             len(items) - len(kept))
+    return kept
+
+
 def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size: int, num_workers: int,
-             pictures: bool, gallery: int, progress: bool) -> PredictResult:
+             pictures: bool, gallery: int, progress: bool, split: str | None = None) -> PredictResult:
     targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
     stems = unique_stems([item.path for item in items])
-    columns = csv_columns(model, labelled=any(item.labels for item in items))
-    target_mpp = (getattr(getattr(model.config, "data", None), "options", None) or {}).get("target_mpp")
-    loader = DataLoader(_Inputs(items, target_mpp=target_mpp, tissue=_tissue_cache(model, out_dir),
-                                band_norm=run_band_norm(model)),
-                        batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
+    columns = csv_columns(model, labelled=any(item.labels for item in items),
+                          split=any(item.split for item in items))
+    prepare = RunPreprocessing.of(model, tissue_folder=out_dir / TISSUE)
+    loader = DataLoader(_Inputs(items, prepare), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_list)
     result = PredictResult(out_dir=out_dir, rows=[], files={"geojson": [], "zarr": [], "picture": []})
-    kept_logits: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
-    kept_targets: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
+    kept: dict[str, tuple[dict, dict]] = {}  # split -> ({task: [logits]}, {task: [targets]})
     cuda = model.device.type == "cuda"
     with torch.random.fork_rng(devices=[model.device] if cuda else [], device_type="cuda" if cuda else "cpu"), \
             _bar(len(items), "images", progress) as overall:
@@ -102,6 +147,8 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
                     logits = {t: out.logits[t][j:j + 1].float().cpu() for t in model.tasks}
                     row = prediction_row(entry["input"], logits, model.tasks, model.class_names)
                     result.rows.append(row)
+                    kept_logits, kept_targets = kept.setdefault(entry["input"].split or UNSPLIT, (
+                        {t: [] for t in model.tasks}, {t: [] for t in model.tasks}))
                     for t, target in targets[k].items():
                         kept_logits[t].append(logits[t])
                         kept_targets[t].append(target)
@@ -109,14 +156,35 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
                                 gallery=gallery)
                     overall.update(1)
     write_table(out_dir / PREDICTIONS, _csv_text(columns, result.rows))
-    result.metrics = split_metrics(kept_logits, kept_targets, model.tasks)
-    if result.metrics is not None:
-        write_table(out_dir / METRICS, json.dumps(
-            {"metrics": result.metrics, "num_images": len(items),
-             "num_labelled": {t: len(v) for t, v in kept_targets.items()},
-             "checkpoint": str(model.checkpoint_path)}, indent=2))
+    result.metrics = _write_metrics(model, items, kept, out_dir, split=split)
     log.info("predicted %d image(s) into %s", len(items), out_dir)
     return result
+
+
+def _write_metrics(model: Any, items: list[PredictInput], kept: dict[str, tuple[dict, dict]], out_dir: Path, *,
+                   split: str | None) -> dict[str, dict[str, float]] | None:
+    """metrics.json: the metrics of every split with labelled rows, each on its own, and what was asked for."""
+    order = [*SPLITS, UNSPLIT]
+    metrics = {name: split_metrics(*kept[name], model.tasks) for name in order if name in kept}
+    metrics = {name: values for name, values in metrics.items() if values is not None}
+    if not metrics:
+        return None
+    rows = (f"only the rows of split {split!r} (--split {split})" if split is not None else
+            "every input, each split on its own (never pooled); 'unsplit': inputs without a split")
+    write_table(out_dir / METRICS, json.dumps(
+        {"rows": rows, "metrics": metrics,
+         "num_images": {name: sum((item.split or UNSPLIT) == name for item in items) for name in metrics},
+         "num_labelled": {name: {t: len(v) for t, v in kept[name][1].items()} for name in metrics},
+         "checkpoint": str(model.checkpoint_path)}, indent=2))
+    for name, values in metrics.items():
+        log.info("metrics of %s (%d labelled row(s)): %s", name, max(len(v) for v in kept[name][1].values()),
+                 ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    seen = [name for name in ("train", "val") if name in metrics]
+    if seen:
+        log.warning("metrics.json also holds the %s rows: the run trained on train and chose best.pt on val, so "
+                    "only 'test' (or new images) says how the model does on images it has not seen. "
+                    "--split test predicts the test rows alone", " and ".join(seen))
+    return metrics
 
 
 def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -128,65 +196,45 @@ def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return text.getvalue()
 
 
+def predict_image(model: Any, image: Any, *, tissue_folder: str | Path | None = None) -> ImagePrediction:
+    """One input through the run's preprocessing and pipeline, exactly as `predict_sources` predicts it, with
+    no file written: a path (an image file, or an .h5 feature cache), an opened `ImageSource` or an array.
+    Tissue masks (runs with data.tissue) are cached in `tissue_folder` (None: computed, kept in memory)."""
+    path = Path(image) if isinstance(image, (str, os.PathLike)) else Path(str(getattr(image, "path", "") or "image"))
+    item = PredictInput(path=path, kind=_kind_of(image))
+    prepare = RunPreprocessing.of(model, tissue_folder=tissue_folder)
+    entry = prepare.entry(item, image=None if isinstance(image, (str, os.PathLike)) else image)
+    cuda = model.device.type == "cuda"
+    with torch.random.fork_rng(devices=[model.device] if cuda else [], device_type="cuda" if cuda else "cpu"):
+        torch.manual_seed(model.config.seed + 1)  # as the trainer's evaluation and predict_sources
+        out = _forward(model, [entry], progress=False)
+    logits = {t: out.logits[t][:1].float().cpu() for t in model.tasks}
+    probs, predicted = {}, {}
+    for task, spec in model.tasks.items():
+        predicted[task], probs[task] = task_prediction(logits[task], spec, model.class_names[task])
+    return ImagePrediction(probabilities=probs, predicted=predicted, logits=logits, output=out,
+                           image=entry["image"], tissue=entry.get("tissue"))
+
+
+def _kind_of(image: Any) -> str:
+    from hrsel.inference.inputs import BAG_SUFFIXES
+
+    is_path = isinstance(image, (str, os.PathLike))
+    return "bag" if is_path and Path(image).suffix.lower() in BAG_SUFFIXES else "image"
+
+
 class _Inputs(Dataset):
-    """Opens each input lazily (an image source: its header only; a feature cache: its bag).
+    """Opens each input lazily (an image source: its header only; a feature cache: its bag), through the
+    run's preprocessing (`preprocess.RunPreprocessing`)."""
 
-    With the run's `data.target_mpp`, an image is the `LevelView` of its level serving it, as in training.
-    """
-
-    def __init__(self, items: list[PredictInput], *, target_mpp: float | None = None, tissue: Any = None,
-                 band_norm: Any = None):
-        self.items, self.target_mpp, self.tissue, self.band_norm = items, target_mpp, tissue, band_norm
+    def __init__(self, items: list[PredictInput], prepare: RunPreprocessing):
+        self.items, self.prepare = items, prepare
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        entry: dict[str, Any] = {"index": index, "input": item}
-        if item.kind == "bag":
-            from hrsel.data.feature_cache import read_bag
-
-            features, coords, attrs = read_bag(item.path)
-            entry.update(image=torch.from_numpy(features), coords=coords, attrs=attrs)
-        else:
-            from hrsel.io import open_image
-
-            entry["image"] = open_image(str(item.path))
-            if self.target_mpp:
-                from hrsel.io.level_view import view_at_mpp
-
-                entry["image"] = view_at_mpp(entry["image"], self.target_mpp)
-            if self.band_norm is not None:  # the run's data.band_norm: pixels become floats as in training
-                entry["image"].band_norm = self.band_norm
-            if self.tissue is not None:  # the run trained with data.tissue: the same candidate cells
-                entry["tissue"] = self.tissue.get(str(item.path), entry["image"], path=str(item.path))
-        return entry
-
-
-def run_band_norm(model: Any) -> Any:
-    """The BandNormalizer the run trained with: its band_norm.json, else its static data.band_norm, else None."""
-    from hrsel.io.bands import BandNormalizer, needs_data, normalizer_from_spec
-
-    saved = Path(model.checkpoint_path).parent / "band_norm.json"
-    if saved.is_file():
-        return BandNormalizer.load(saved)
-    spec = getattr(getattr(model.config, "data", None), "band_norm", None) or None
-    if spec and needs_data(spec):
-        raise DataError(f"the run trained with data.band_norm={spec} computed from its images, but {saved} is "
-                        f"missing; copy it from the run folder next to the checkpoint")
-    return normalizer_from_spec(spec) if spec else None
-
-
-def _tissue_cache(model: Any, out_dir: Path) -> Any:
-    """The run's data.tissue masks, cached in `out_dir/tissue/` (None when the run scored every patch)."""
-    options = getattr(getattr(model.config, "data", None), "options", None) or {}
-    if not options.get("tissue"):
-        return None
-    from hrsel.data.tissue_cache import TissueCache
-
-    return TissueCache(out_dir / TISSUE, min_fraction=float(options.get("min_tissue_fraction", 0.5)),
-                       max_size=int(options.get("tissue_size", 1024)))
+        return self.prepare.entry(self.items[index], index=index)
 
 
 def _as_list(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Rows of predictions.csv and the labels of a manifest, as the trainer's metrics see them.
 
 Probabilities: softmax (multiclass), one sigmoid per class (multilabel), [1 - p, p] (binary);
-columns `<task>/predicted`, `<task>/true` (with labels) and `<task>/prob/<class>`.
+columns `path`, `id`, `split` (with manifest splits), `<task>/predicted`, `<task>/true` (with
+labels) and `<task>/prob/<class>`.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def class_names_for(spec: TaskSpec, names: list[str]) -> list[str]:
     return names + [str(i) for i in range(len(names), width)]
 
 
-def csv_columns(model: Any, *, labelled: bool) -> list[str]:
-    columns = ["path", "id"]
+def csv_columns(model: Any, *, labelled: bool, split: bool = False) -> list[str]:
+    columns = ["path", "id"] + (["split"] if split else [])
     for task, spec in model.tasks.items():
         columns.append(f"{task}/predicted")
         if labelled:
@@ -55,15 +56,23 @@ def csv_columns(model: Any, *, labelled: bool) -> list[str]:
 def prediction_row(item: PredictInput, logits: dict[str, torch.Tensor], tasks: dict[str, TaskSpec],
                    class_names: dict[str, list[str]]) -> dict[str, Any]:
     row: dict[str, Any] = {"path": str(item.path), "id": item.id}
+    if item.split:
+        row["split"] = item.split
     for task, spec in tasks.items():
-        names = class_names_for(spec, class_names[task])
-        probs = probabilities(logits[task], spec)[0]
-        row[f"{task}/predicted"] = predicted_names(probs, spec, names)
+        predicted, probs = task_prediction(logits[task], spec, class_names[task])
+        row[f"{task}/predicted"] = predicted
         if item.labels:
             row[f"{task}/true"] = item.labels.get(task, "")
-        for name, p in zip(names, probs):
-            row[f"{task}/prob/{name}"] = f"{float(p):.6g}"
+        for name, p in probs.items():
+            row[f"{task}/prob/{name}"] = f"{p:.6g}"
     return row
+
+
+def task_prediction(logits: torch.Tensor, spec: TaskSpec, class_names: list[str]) -> tuple[str, dict[str, float]]:
+    """(the predicted class name, {class name: probability}) of one task from logits (1, C)."""
+    names = class_names_for(spec, class_names)
+    probs = probabilities(logits, spec)[0]
+    return predicted_names(probs, spec, names), {name: float(p) for name, p in zip(names, probs)}
 
 
 def encode_labels(item: PredictInput, tasks: dict[str, TaskSpec], class_names: dict[str, list[str]]
