@@ -32,10 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hrsel.errors import DataError, SelectionError
-from hrsel.inference.inputs import PredictInput, expand_inputs
+from hrsel.inference.inputs import PredictInput, check_input_kinds, expand_inputs
 from hrsel.inference.outputs import (MAP_SUFFIXES, METRICS, PREDICTIONS, TISSUE, claim_output_folder, write_table,
                                      writing)
 from hrsel.inference.rows import csv_columns, encode_labels, prediction_row, probabilities, split_metrics
+from hrsel.models.bags import takes_feature_bags
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,14 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
     targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
     stems = unique_stems([item.path for item in items])
     columns = csv_columns(model, labelled=any(item.labels for item in items))
-    target_mpp = (getattr(getattr(model.config, "data", None), "options", None) or {}).get("target_mpp")
-    loader = DataLoader(_Inputs(items, target_mpp=target_mpp, tissue=_tissue_cache(model, out_dir),
-                                band_norm=run_band_norm(model)),
+    options = getattr(getattr(model.config, "data", None), "options", None) or {}
+    takes_bags = takes_feature_bags(model.pipeline)
+    check_input_kinds(items, takes_bags=takes_bags, run=str(model.checkpoint_path),
+                      data_name=getattr(getattr(model.config, "data", None), "name", "?"))
+    bag_resolution = {k: options[k] for k in ("target_mpp", "level", "patch_size")
+                      if takes_bags and options.get(k) is not None}  # the run's data set checked its bags so
+    loader = DataLoader(_Inputs(items, target_mpp=options.get("target_mpp"), tissue=_tissue_cache(model, out_dir),
+                                band_norm=run_band_norm(model), bag_resolution=bag_resolution),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list)
     result = PredictResult(out_dir=out_dir, rows=[], files={"geojson": [], "zarr": [], "picture": []})
     kept_logits: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
@@ -135,8 +141,9 @@ class _Inputs(Dataset):
     """
 
     def __init__(self, items: list[PredictInput], *, target_mpp: float | None = None, tissue: Any = None,
-                 band_norm: Any = None):
+                 band_norm: Any = None, bag_resolution: dict[str, Any] | None = None):
         self.items, self.target_mpp, self.tissue, self.band_norm = items, target_mpp, tissue, band_norm
+        self.bag_resolution = bag_resolution or {}  # target_mpp / level / patch_size the run's bags had
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,7 +154,10 @@ class _Inputs(Dataset):
         if item.kind == "bag":
             from hrsel.data.feature_cache import read_bag
 
+            from hrsel.data.bag_resolution import check_resolution
+
             features, coords, attrs = read_bag(item.path)
+            check_resolution(item.path, attrs, asker="the run's config", **self.bag_resolution)
             entry.update(image=torch.from_numpy(features), coords=coords, attrs=attrs)
         else:
             from hrsel.io import open_image
@@ -251,12 +261,9 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def output_stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or "image"
-    stem = Path(name).stem or name
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in stem) or "image"
+    from hrsel.io.names import image_stem
+
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in image_stem(path)) or "image"
 
 
 # ---------------------------------------------------------------------------------------- maps
