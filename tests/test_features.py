@@ -285,3 +285,31 @@ def test_features_data_set_validates_on_the_csv_val_rows(he_cohort, tmp_path):
     splits = build_datasets(load_config(bags, []))
     assert splits.record["val_split"] == "val" and splits.val.ids == ["img/b"]
     assert sorted(splits.train.ids) == ["img/a", "img/case_018"] and splits.test.ids == ["img/c"]
+
+
+def test_predict_draws_a_bag_of_a_resampled_slide_where_its_patches_lie(he_cohort, tmp_path):
+    """The symptom of level-0 labelled view coordinates: a bag's heatmap at 1/4 scale in the top-left corner."""
+    import types
+
+    from hrsel.inference import predict_sources
+    from hrsel.inference.load import LoadedModel
+    from hrsel.models import build_pipeline
+    from hrsel.tasks import TaskSpec
+
+    root, config = he_cohort
+    out = tmp_path / "bags"
+    assert run_features(config, out) == 0
+    tasks = {"label": TaskSpec("multiclass", 2)}
+    pipeline = build_pipeline("ips", tasks=tasks, patch_size=32, k=2, score_chunk=8, backbone="feature_projector",
+                              backbone_options={"in_dim": DIM, "dim": 8},
+                              aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 8}).eval()
+    data = types.SimpleNamespace(name="features", options={"target_mpp": 0.5, "patch_size": 32})
+    model = LoadedModel(pipeline=pipeline, tasks=tasks, class_names={"label": ["normal", "tumor"]},
+                        config=types.SimpleNamespace(seed=0, train=types.SimpleNamespace(precision="fp32"), data=data),
+                        checkpoint_path=tmp_path / "none.pt", hrsel_version="test")
+    predict_sources(model, [out / "img__case_018.h5"], out_dir=tmp_path / "preds", pictures=False)
+    tiles = json.loads((tmp_path / "preds" / "img__case_018.geojson").read_text())["features"]
+    boxes = np.array([np.r_[np.min(t["geometry"]["coordinates"][0], 0), np.max(t["geometry"]["coordinates"][0], 0)]
+                      for t in tiles])  # (n, 4) x0, y0, x1, y1 in level-0 pixels
+    assert len(tiles) == 40 and (boxes[:, 2:] - boxes[:, :2] == 64).all()
+    assert boxes[:, [0, 1]].min(0).tolist() == [256, 192] and boxes[:, [2, 3]].max(0).tolist() == [768, 576]
