@@ -151,6 +151,53 @@ def test_an_image_smaller_than_a_patch_exits_2_naming_it(bags, tmp_path, capsys)
     assert code == 2 and str(tmp_path / "tiny.png") in err and "patch_size=32" in err, err
 
 
+def test_a_model_given_the_other_kind_of_input_exits_2_naming_it(bags, tmp_path, capsys):
+    """A pixel model given an .h5 cache (a raw conv2d RuntimeError before) or a bag model given an image."""
+    from hrsel.models import build_pipeline
+
+    model, folder = bags
+    code = run_command(lambda: predict_sources(model, [tmp_path / "src" / "slide.png"], out_dir=tmp_path / "o1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "slide.png" in err and "trained on feature caches" in err and "hrsel.features" in err, err
+    torch.manual_seed(0)
+    model.pipeline = build_pipeline("ips", tasks=model.tasks, in_chans=3, patch_size=32, k=2,
+                                    score_chunk=4, backbone="narrow_resnet",
+                                    backbone_options={"width": 8, "strides": [2, 2], "blocks": [1, 1]}).eval()
+    code = run_command(lambda: predict_sources(model, [folder / "a.h5"], out_dir=tmp_path / "o2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "a.h5" in err and "trained on images" in err and "images themselves" in err, err
+    assert "Traceback" not in err and not (tmp_path / "o2" / PREDICTIONS).exists()
+
+
+def test_a_bag_at_another_resolution_than_the_runs_exits_2_naming_both(bags, tmp_path, capsys):
+    model, folder = bags
+    model.config.data = types.SimpleNamespace(name="features", options={"target_mpp": 0.5, "patch_size": 32})
+    code = run_command(lambda: predict_sources(model, [folder], out_dir=tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2 and "a.h5" in err and "no known um/px" in err and "data.target_mpp=0.5" in err, err
+    assert "--target-mpp 0.5" in err and not (tmp_path / "out" / PREDICTIONS).exists()
+    model.config.data.options = {"patch_size": 32}  # what these bags are: predicted
+    assert len(predict_sources(model, [folder], out_dir=tmp_path / "out", pictures=False).rows) == 2
+
+
+def test_a_second_features_run_into_a_busy_out_stops_naming_the_first(tmp_path, capsys):
+    from hrsel.engine.rundir import RunLock
+    from hrsel.features import _out_use
+
+    make_slide(tmp_path / "s.tif", tissue=True)
+    (tmp_path / "slides.csv").write_text("path\ns.tif\n")
+    out = tmp_path / "bags"
+    args = [str(tmp_path / "slides.csv"), "--backbone", "resnet18", "--backbone-options", '{"last_stage": "layer1"}',
+            "--patch-size", "64", "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert features_main(args) == 0
+    written = (out / "s.h5").read_bytes()
+    with RunLock.acquire(out, use=_out_use()):  # a features run still writing there
+        code = features_main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and str(out) in err and f"in use by pid {os.getpid()}" in err and "--out" in err, err
+    assert "Traceback" not in err and "BlockingIOError" not in err and (out / "s.h5").read_bytes() == written
+
+
 # ----------------------------------------------------------------------------- --out that cannot be used
 
 def _read_only(monkeypatch):
@@ -269,7 +316,7 @@ def test_disk_full_in_features_is_one_named_error_and_no_partial_file(tmp_path, 
                           "--patch-size", "64", "--workers", "0", "--device", "cpu", "--no-progress",
                           "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and f"cannot write feature cache {out / 's.h5'}" in err, err
+    assert code == 2 and f"cannot write feature cache {out / 'img__s.h5'}" in err, err
     assert "no space left on the device" in err and "--out" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["done.h5"]  # no partial file, no lock, the old cache kept
     assert (out / "done.h5").read_bytes() == b"an earlier, complete cache"

@@ -85,7 +85,7 @@ def test_formats_and_inferred_kinds(mixed):
     test = ManifestDataset(root=mixed, split="test", test_fraction=0.25)
     assert len(data) == 3 and len(test) == 1 and data.validation_split is None
     every = [data[i] for i in range(len(data))] + [test[0]]
-    assert sorted(item["id"] for item in every) == ["img/p1", "img/p2", "img/scan.ome", "img/slide"]
+    assert sorted(item["id"] for item in every) == ["img/p1", "img/p2", "img/scan", "img/slide"]  # .ome.zarr: one
     for item in every:
         assert item["image"].read_region(0, 0, 8, 8).shape == (8, 8, 3)
         assert Path(item["path"]).exists()
@@ -276,3 +276,12 @@ def test_a_list_of_images_without_labels_reads_for_predict(mixed):
     assert table.targets(0) == {}
     with pytest.raises(DataError, match="no label column"):
         ManifestDataset(root=mixed, split="train", manifest="predict.csv")
+
+
+def test_image_ids_drop_the_whole_image_suffix():
+    from hrsel.io.names import image_ids, image_stem, strip_image_suffix
+
+    assert strip_image_suffix("slides/case_018.ome.tiff") == "slides/case_018"
+    assert [image_stem(n) for n in ("case_018.ome.tiff", "case_018.OME.TIF", "x.ome.zarr/", "case.2024.svs",
+                                    "plain")] == ["case_018", "case_018", "x", "case.2024", "plain"]
+    assert image_ids(["a/x.svs", "a/x.ome.tif", "b/y.ome.tiff"]) == ["a/x.svs", "a/x.ome.tif", "b/y"]

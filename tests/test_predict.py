@@ -173,7 +173,7 @@ def test_feature_cache_bags_give_maps_from_the_stored_coords(tmp_path):
 
     torch.manual_seed(0)
     tasks = {"tumor": TaskSpec("binary", 1)}
-    pipeline = build_pipeline("ips", tasks=tasks, patch_size=32, num_selected=2, chunk_size=4,
+    pipeline = build_pipeline("ips", tasks=tasks, patch_size=32, k=2, score_chunk=4,
                               backbone="feature_projector", backbone_options={"in_dim": 6, "dim": 8},
                               aggregator_options={"heads": 2, "head_dim": 4, "mlp_dim": 8}).eval()
     config = types.SimpleNamespace(seed=0, train=types.SimpleNamespace(precision="fp32"))

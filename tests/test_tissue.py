@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def synthetic_thumbnail(seed: int = 0) -> tuple[np.ndarray, dict[str, tuple[slic
 
 
 def reference_mask(rgb: np.ndarray) -> np.ndarray:
-    """The documented rule, pixel by pixel with colorsys and a brute-force Otsu."""
+    """The documented rule, pixel by pixel with colorsys, math.log10 and a brute-force Otsu."""
     h, w, _ = rgb.shape
     ink = np.zeros((h, w), bool)
     sats = np.zeros((h, w))
@@ -51,7 +52,11 @@ def reference_mask(rgb: np.ndarray) -> np.ndarray:
             r, g, b = (int(v) for v in rgb[y, x])
             hue, sat, value = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
             sats[y, x] = sat
-            ink[y, x] = (75 <= hue * 360 <= 250 and sat >= 0.3) or max(r, g, b) < 40
+            degrees = hue * 360
+            coloured = sat >= 0.3 and (75 <= degrees <= 250 or degrees >= 350 or degrees <= 20)
+            od = [-math.log10(max(v, 1) / 255) for v in (r, g, b)]
+            grey_ink = max(od) >= 0.15 and min(od) >= 0.65 * max(od)
+            ink[y, x] = coloured or grey_ink or max(r, g, b) < 40
     grey = np.rint(rgb.mean(axis=2)).astype(int)
     values = grey[~ink]
     best, threshold = -1.0, 0
@@ -75,6 +80,73 @@ def test_mask_matches_the_plain_reference_and_rejects_glass_and_ink():
     assert mask.sum() == sum(mask[regions[n]].size for n in ("pink", "purple", "pale")), "glass kept"
     grey_only = foreground_mask(thumb)  # plain grey-level Otsu keeps the ink
     assert grey_only[regions["blue"]].all() and grey_only[regions["black"]].all()
+
+
+# ---- pen ink of every colour, on glass and over H&E-like tissue -----------------------------------
+
+# An H&E-like thumbnail made as light passes a slide (Beer-Lambert: absorbances add): glass, then
+# stains of Macenko's reference H&E optical densities (real slides' mean stain vectors), then pen
+# ink, each ink a transmittance per channel (what fraction of R, G, B it lets through).
+H_OD, E_OD = np.array([0.5626, 0.7201, 0.4062]), np.array([0.2159, 0.8012, 0.5581])
+INKS = {"black": (0.27, 0.27, 0.3), "dark_blue": (0.15, 0.2, 0.45), "green": (0.25, 0.6, 0.3),
+        "red": (0.8, 0.15, 0.2), "blue": (0.2, 0.35, 0.8)}
+
+
+def he_slide_thumbnail(seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(96, 160, 3) uint8: an ellipse of tissue, eosin from pale (left) to dense (right), a nuclei-dense
+    blob (haematoxylin up to 1.0: dark purple), and one 6-px stroke per ink from glass across the tissue."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:96, 0:160]
+    tissue = ((xx - 80) / 70.0) ** 2 + ((yy - 48) / 44.0) ** 2 < 1
+    eosin = np.where(tissue, 0.25 + 0.45 * xx / 160, 0.0)
+    cx, cy = 50 + 10 * seed, 44 + 4 * seed
+    nuclei = np.where(tissue, np.exp(-((xx - cx) / 14.0) ** 2 - ((yy - cy) / 12.0) ** 2), 0.0)
+    rgb = np.array([238.0, 238.0, 236.0]) * 10.0 ** -(eosin[..., None] * E_OD + nuclei[..., None] * H_OD)
+    parts = {"tissue": tissue, "dense": tissue & (nuclei > 0.6)}
+    for i, (name, transmittance) in enumerate(INKS.items()):
+        stroke = np.zeros_like(tissue)
+        stroke[6 + 18 * i:12 + 18 * i] = True
+        rgb[stroke] *= transmittance
+        parts[name] = stroke
+    inked = np.any([parts[name] for name in INKS], axis=0)
+    parts["tissue"], parts["dense"] = tissue & ~inked, parts["dense"] & ~inked
+    parts["glass"] = ~tissue & ~inked
+    noisy = rgb + rng.normal(0, 1, rgb.shape)  # a thumbnail averages many pixels: little noise
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8), {**parts, "under_ink": tissue}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ink_of_every_colour_is_left_out_and_stained_tissue_kept(seed):
+    thumb, parts = he_slide_thumbnail(seed)
+    mask = tissue_pixels(thumb)
+    for name in INKS:
+        on_glass = mask[parts[name] & ~parts["under_ink"]]
+        assert on_glass.mean() <= 0.01, f"{name} ink on glass kept as tissue ({on_glass.mean():.0%})"
+    for name in ("black", "green", "red", "blue"):  # dark blue over eosin looks like haematoxylin: see the doc
+        over = mask[parts[name] & parts["under_ink"]]
+        assert over.mean() <= 0.05, f"{name} ink over tissue kept as tissue ({over.mean():.0%})"
+    assert mask[parts["tissue"]].mean() >= 0.99, "H&E tissue lost"
+    assert mask[parts["dense"]].mean() >= 0.97 and parts["dense"].sum() > 100, "nuclei-dense tissue lost"
+    assert mask[parts["glass"]].mean() <= 0.01, "glass kept"
+
+
+def test_patches_under_black_ink_are_no_candidates_and_every_grid_uses_the_one_rule():
+    """The QC mask, a pipeline's candidate cells and PatchGrid.for_source (hrsel.features, camelyon16 grids)
+    all come from one function: black ink over tissue, where a trained model scored p = 0.99, is on none."""
+    from hrsel.tiling import PatchGrid
+
+    thumb, parts = he_slide_thumbnail(0)
+    source = ArraySource(np.repeat(np.repeat(thumb, 4, 0), 4, 1))  # 640 x 384, the thumbnail at 1/4
+    mask = compute_tissue_mask(source, max_size=160, min_fraction=0.5)
+    grid = PatchGrid.for_source(source, patch_size=24, min_tissue_fraction=0.5, mask_size=160)
+    full = PatchGrid.for_source(source, patch_size=24)
+    np.testing.assert_array_equal(grid.indices, np.flatnonzero(mask.candidates(full.coords, 24)))
+    black_rows = np.flatnonzero(parts["black"].any(axis=1)) * 4  # the stroke: image rows 24..47
+    on_black = (full.coords[:, 1] == black_rows[0]) & (full.coords[:, 0] >= 80) & (full.coords[:, 0] <= 536)
+    assert on_black.sum() >= 15 and not np.isin(np.flatnonzero(on_black), grid.indices).any(), \
+        "a patch under black ink is still a candidate"
+    plain = foreground_mask(thumb)  # what PatchGrid.with_mask used before: grey-level Otsu, ink kept
+    assert plain[parts["black"]].mean() > 0.9
 
 
 def test_fractions_are_exact_against_brute_force():

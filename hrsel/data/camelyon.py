@@ -22,6 +22,7 @@ import torch
 
 from hrsel.data.csvfile import read_csv_text
 from hrsel.errors import DataError
+from hrsel.io.names import image_stem
 from hrsel.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def read_reference_csv(path: str | os.PathLike) -> dict[str, int]:
                 continue
             if len(row) < 2 or row[1].strip().lower() not in ("tumor", "normal"):
                 raise DataError(f"{path}:{lineno}: expected 'slide,Tumor|Normal,...', got {','.join(row)!r}")
-            labels[Path(row[0].strip()).stem] = int(row[1].strip().lower() == "tumor")
+            labels[image_stem(row[0].strip())] = int(row[1].strip().lower() == "tumor")
     return labels
 
 
@@ -61,7 +62,7 @@ def slide_labels(root: str | os.PathLike, slides: list[Path], labels_csv: str | 
     table = read_reference_csv(csv_path) if csv_path is not None else {}
     labels = []
     for slide in slides:
-        name = slide.stem
+        name = image_stem(slide)
         if name in table:
             labels.append(table[name])
         elif name.lower().startswith(("tumor_", "normal_")):
@@ -112,7 +113,7 @@ class Camelyon16(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         targets = {"tumor": torch.tensor(float(self.labels[index]))}
-        item = {"image": self.source(index), "targets": targets, "id": self.slides[index].stem}
+        item = {"image": self.source(index), "targets": targets, "id": image_stem(self.slides[index])}
         if self.tissue is not None:
             item["tissue"] = self.tissue.get(item["id"], item["image"], path=str(self.slides[index]))
         return item
@@ -138,7 +139,7 @@ def cache_features(dataset: Camelyon16, encoder: Callable[[torch.Tensor], torch.
 
     paths = []
     for i in range(len(dataset)):
-        path = Path(features_dir) / bag_name(dataset.slides[i].stem)
+        path = Path(features_dir) / bag_name(image_stem(dataset.slides[i]))
         cache_bag(path, lambda i=i: dataset.source(i), lambda source, i=i: dataset.grid(i, source), encoder,
                   batch_size=chunk_size, **options)
         paths.append(path)

@@ -1,17 +1,22 @@
 """Per-image feature caches: one HDF5 file `<id>.h5` of tissue-patch embeddings (the CLAM / IPS workflow).
 
 A cache holds datasets `features` (N, D) float16 or float32 and `coords` (N, 2) int64, the
-level-0 (x, y) top-left corner of each patch, and attrs `patch_size` (level-0 px), `level`,
-`source` (the image path), `complete` (True once every row is written) and the settings it was
-made with (`patch_size_level`, `min_tissue_fraction`, `encoder`, `dim`, `n`).
+level-0 (x, y) top-left corner of each patch in the image's own pixels (also when the patches
+were read from a `LevelView`: a level, or a resampling to a target mpp), and attrs saying at
+what resolution the patches were encoded: `patch_size_level` (pixels encoded), `downsample`
+(level-0 pixels per encoded pixel), `patch_size` (level-0 px), `level` (the pyramid level read),
+`mpp` (microns per encoded pixel, when the image says) and `target_mpp` (when one was asked:
+`hrsel.data.bag_resolution` checks bags against the config with these); then `source` (the
+image path), `complete` (True once every row is written) and the settings it was made with
+(`min_tissue_fraction`, `tissue_size`, `tissue_rule`, `encoder`, `dim`, `n`).
 
 `write_bag` streams a grid's patches through an encoder `batch_size` at a time (memory is
 O(batch), never the whole image) into `<id>.h5.partial`, then renames it, so a killed run
 leaves either a complete file or none under the final name; a failed write (disk full) removes
 the partial file and is one `RunFolderError` naming it. `cache_bag` skips a complete file made
-from the same image (`source`, an absolute path) with the same settings, refuses one made from
-another image or with other settings (naming both), and redoes a partial one (no `complete`
-attr). `read_bag` loads one.
+from the same image (`source`, an absolute path) with the same settings (`CHECKED_ATTRS`),
+refuses one made from another image or with other settings (naming both), and redoes a partial
+one (no `complete` attr). `read_bag` loads one.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".h5"
 PARTIAL = ".partial"
-CHECKED_ATTRS = ("patch_size_level", "level", "min_tissue_fraction", "encoder")  # a complete file must match these
+# A complete file is kept only when these match the run's (a missing attr reads as None: a cache
+# from before `downsample`, `target_mpp` or `tissue_rule` were recorded is made again).
+CHECKED_ATTRS = ("patch_size_level", "downsample", "target_mpp", "min_tissue_fraction", "tissue_size", "tissue_rule",
+                 "encoder")
 
 Encoder = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821  (b, C, p, p) float in [0, 1] -> (b, D)
 
@@ -89,9 +97,7 @@ def write_bag(path: str | os.PathLike, source: Any, grid: Any, encoder: Encoder,
     """
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL)
-    meta = {**(attrs or {}), "patch_size": int(round(grid.patch_size * grid.downsample)),
-            "patch_size_level": int(grid.patch_size), "level": int(grid.level), "source": source_name(source),
-            "n": len(grid)}
+    meta = {key: value for key, value in {**(attrs or {}), **grid_attrs(source, grid)}.items() if value is not None}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_space(path, len(grid), _feature_dim(encoder, source, int(grid.patch_size), device), dtype)
@@ -141,7 +147,7 @@ def _fill(f: Any, meta: dict[str, Any], source: Any, grid: Any, encoder: Encoder
 
     n = len(grid)
     f.attrs.update(meta)
-    f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(n, 2))
+    f.create_dataset("coords", data=level0_coords(source, grid))
     features = None
     if n == 0:
         log.warning("%s: no tissue patches in %r; the cache holds an empty bag", Path(f.filename).name, source)
@@ -161,6 +167,25 @@ def _fill(f: Any, meta: dict[str, Any], source: Any, grid: Any, encoder: Encoder
     f.attrs["dim"] = int(features.shape[1])
     f.attrs["complete"] = True
     f.flush()
+
+
+def grid_attrs(source: Any, grid: Any) -> dict[str, Any]:
+    """The resolution a cache of `grid` over `source` (an image or a `LevelView` of it) records (module doc)."""
+    from hrsel.io.level_view import LevelView, level0_scale
+
+    downsample = float(grid.downsample) * level0_scale(source)  # the image's level-0 px per encoded px
+    mpp = source.mpp * float(grid.downsample) if source.mpp else None
+    level = int(grid.level) + (source.level if isinstance(source, LevelView) else 0)
+    return {"patch_size": int(round(grid.patch_size * downsample)), "patch_size_level": int(grid.patch_size),
+            "level": level, "downsample": downsample, "mpp": mpp, "source": source_name(source), "n": len(grid)}
+
+
+def level0_coords(source: Any, grid: Any) -> np.ndarray:
+    """(n, 2) int64 top-left corners of `grid`'s patches in level-0 pixels of the image under `source`."""
+    from hrsel.io.level_view import level0_scale
+
+    corners = np.asarray(grid.boxes()[:, :2], dtype=np.float64).reshape(len(grid), 2)  # level 0 of `source`
+    return np.rint(corners * level0_scale(source)).astype(np.int64)
 
 
 def _feature_dim(encoder: Encoder, source: Any, patch_size: int, device: str) -> int:
@@ -255,14 +280,18 @@ def cache_bag(path: str | os.PathLike, open_source: Callable[[], Any], make_grid
     """Write the cache at `path` unless a complete one made with the same settings is there.
 
     Returns True when written, False when skipped. A complete file made with other settings
-    (`CHECKED_ATTRS` in `attrs`) raises DataError naming the file and both values.
+    (`CHECKED_ATTRS` in `attrs`) raises DataError naming the file and both values. With `attrs`,
+    grids are read at level 0 of the source (a `LevelView` for another level or resolution),
+    whose downsample is checked too.
     """
+    from hrsel.io.level_view import level0_scale
+
     path = Path(path)
     old = read_attrs(path) if path.exists() else None
     source = open_source()
     try:
         if old and old.get("complete"):
-            _check_same_settings(path, old, attrs or {}, source)
+            _check_same_settings(path, old, {**attrs, "downsample": level0_scale(source)} if attrs else {}, source)
             return False
         if old is not None or path.exists():
             log.info("redoing the partial feature cache %s", path)
@@ -277,8 +306,8 @@ def cache_bag(path: str | os.PathLike, open_source: Callable[[], Any], make_grid
 def _check_same_settings(path: Path, old: dict[str, Any], attrs: dict[str, Any], source: Any) -> None:
     """A complete cache is kept only if made from this image with these settings; else DataError naming both."""
     for key in CHECKED_ATTRS:
-        if key in attrs and key in old and old[key] != attrs[key]:
-            raise DataError(f"feature cache {path} was made with {key}={old[key]!r}, this run asks for "
+        if key in attrs and not _same_value(old.get(key), attrs[key]):
+            raise DataError(f"feature cache {path} was made with {key}={old.get(key)!r}, this run asks for "
                             f"{attrs[key]!r}; write to another --out folder or delete the old caches")
     current = source_name(source)
     if not _same_image(str(old.get("source") or ""), current):
@@ -286,6 +315,12 @@ def _check_same_settings(path: Path, old: dict[str, Any], attrs: dict[str, Any],
                         f"the same id is {current!r}; nothing was overwritten. Give the images distinct file "
                         f"names (or ids), write to another --out folder, or delete {path.name} to encode the new "
                         f"image")
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return bool(np.isclose(float(old), float(new), rtol=1e-6, atol=0.0))
+    return old == new
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,8 @@ Without `val` rows the trainer holds out data.val_fraction of `train` (validatio
 with this data set's own rule under "data_split").
 
 Items: {"image": the opened ImageSource (a `LevelView` of the level serving target_mpp), "targets",
-"id" (the path as written, without suffix), "path"} and, with `tissue: true`, "tissue": the image's
+"id" (the path as written without its image suffix, `slides/a.ome.tiff` -> `slides/a`: `hrsel.io.names`;
+the same id names its feature cache), "path"} and, with `tissue: true`, "tissue": the image's
 `TissueMask` (computed once from its thumbnail, cached with a QC picture; `hrsel.data.tissue_cache`),
 which the trainer and predict hand to the pipeline as candidate cells; sources open lazily and pickle by path, so they
 cross DataLoader workers. Images of different sizes need data.batch_size: 1.
@@ -138,7 +139,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.class_names = {t: list(n) for t, n in self.table.class_names.items()}
         self.labels = {t: [self.table.label_ids(t, i)[0] for i in self.indices]
                        for t, spec in self.tasks.items() if spec.kind != "multilabel"}
-        self.ids = _ids([self.table.rows[i] for i in self.indices])
+        every_id = self.table.ids  # over all rows, so an image has one id whatever the split
+        self.ids = [every_id[i] for i in self.indices]
         self.tissue = None
         if tissue:
             from hrsel.data.tissue_cache import TissueCache, check_tissue_options
@@ -183,8 +185,3 @@ def _table(csv_path: Path, **options: Any) -> ManifestTable:
         _TABLES[key] = read_manifest(csv_path, **options)
     return _TABLES[key]
 
-
-def _ids(rows: list[ManifestRow]) -> list[str]:
-    """The path as written without its suffix, or with it where two rows would otherwise share an id."""
-    short = [str(Path(row.rel).with_suffix("")) if Path(row.rel).suffix else row.rel for row in rows]
-    return short if len(set(short)) == len(short) else [row.rel for row in rows]

@@ -77,6 +77,13 @@ class ManifestTable:
     def paths(self) -> list[Path]:
         return [row.path for row in self.rows]
 
+    @property
+    def ids(self) -> list[str]:
+        """One id per row: its path as written without the image suffix (`hrsel.io.names.image_ids`)."""
+        from hrsel.io.names import image_ids
+
+        return image_ids([row.rel for row in self.rows])
+
     def label_ids(self, task: str, row: int) -> list[int]:
         """Class indices of `task` for row `row` (one for multiclass and binary)."""
         text = self.rows[row].labels[task]

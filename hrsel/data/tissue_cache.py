@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from hrsel.errors import DataError
+from hrsel.tiling.tissue import RULE_VERSION as VERSION  # a cached mask of another rule is computed again
 
 log = logging.getLogger(__name__)
-
-VERSION = 1  # bump when the rule of hrsel.tiling.tissue changes: every cached mask is recomputed
 
 
 def check_tissue_options(*, min_tissue_fraction: float, tissue_size: int) -> None:

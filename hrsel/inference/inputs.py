@@ -72,6 +72,25 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], *, tasks: dict[str, Any] 
     return items
 
 
+def check_input_kinds(items: Sequence[PredictInput], *, takes_bags: bool, run: str, data_name: str) -> None:
+    """A run trained on feature caches takes `.h5` caches, one trained on images takes images: DataError naming
+    the inputs of the other kind and what to give instead."""
+    wrong = [item for item in items if (item.kind == "bag") != takes_bags]
+    if not wrong:
+        return
+    names = ", ".join(str(item.path) for item in wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3
+                                                                 else "")
+    if takes_bags:
+        raise DataError(f"{names}: image(s), but the run {run} was trained on feature caches (data.name: "
+                        f"{data_name}) and takes .h5 caches only. Encode the images first with python -m "
+                        f"hrsel.features (the backbone and resolution of the run's caches) and predict on the .h5 "
+                        f"files")
+    raise DataError(f"{names}: feature cache(s) (.h5 patch embeddings), but the run {run} was trained on images "
+                    f"(data.name: {data_name}) and reads pixels. Predict on the images themselves (a cache names "
+                    f"its image in its 'source' attribute), or with a run trained on feature caches (data.name: "
+                    f"features)")
+
+
 def _kind(path: Path) -> str:
     return "bag" if path.suffix.lower() in BAG_SUFFIXES else "image"
 

@@ -38,12 +38,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hrsel.errors import DataError, SelectionError
-from hrsel.inference.inputs import PredictInput, expand_inputs
+from hrsel.inference.inputs import PredictInput, check_input_kinds, expand_inputs
 from hrsel.inference.outputs import (MAP_SUFFIXES, METRICS, PREDICTIONS, TISSUE, claim_output_folder, write_table,
                                      writing)
 from hrsel.inference.preprocess import RunPreprocessing
 from hrsel.inference.rows import (csv_columns, encode_labels, prediction_row, probabilities, split_metrics,
                                   task_prediction)
+from hrsel.models.bags import takes_feature_bags
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
     stems = unique_stems([item.path for item in items])
     columns = csv_columns(model, labelled=any(item.labels for item in items),
                           split=any(item.split for item in items))
+    _check_kinds(model, items)
     prepare = RunPreprocessing.of(model, tissue_folder=out_dir / TISSUE)
     loader = DataLoader(_Inputs(items, prepare), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
@@ -202,6 +204,7 @@ def predict_image(model: Any, image: Any, *, tissue_folder: str | Path | None = 
     Tissue masks (runs with data.tissue) are cached in `tissue_folder` (None: computed, kept in memory)."""
     path = Path(image) if isinstance(image, (str, os.PathLike)) else Path(str(getattr(image, "path", "") or "image"))
     item = PredictInput(path=path, kind=_kind_of(image))
+    _check_kinds(model, [item])
     prepare = RunPreprocessing.of(model, tissue_folder=tissue_folder)
     entry = prepare.entry(item, image=None if isinstance(image, (str, os.PathLike)) else image)
     cuda = model.device.type == "cuda"
@@ -214,6 +217,12 @@ def predict_image(model: Any, image: Any, *, tissue_folder: str | Path | None = 
         predicted[task], probs[task] = task_prediction(logits[task], spec, model.class_names[task])
     return ImagePrediction(probabilities=probs, predicted=predicted, logits=logits, output=out,
                            image=entry["image"], tissue=entry.get("tissue"))
+
+
+def _check_kinds(model: Any, items: list[PredictInput]) -> None:
+    """A bag model takes feature caches and a pixel model images: the other kind is a named DataError."""
+    check_input_kinds(items, takes_bags=takes_feature_bags(model.pipeline), run=str(model.checkpoint_path),
+                      data_name=getattr(getattr(model.config, "data", None), "name", "?"))
 
 
 def _kind_of(image: Any) -> str:
@@ -299,12 +308,9 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def output_stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or "image"
-    stem = Path(name).stem or name
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in stem) or "image"
+    from hrsel.io.names import image_stem
+
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in image_stem(path)) or "image"
 
 
 # ---------------------------------------------------------------------------------------- maps

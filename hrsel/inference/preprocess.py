@@ -13,12 +13,13 @@ For an image (a path, an `ImageSource` or an array):
   as the source's `band_norm`, so pixels become the floats training saw;
 - `data.tissue`: the image's tissue mask (`hrsel.data.tissue_cache`), the candidate cells.
 
-A feature cache (`.h5`) is its bag: features (N, D), level-0 coordinates and attributes.
+A feature cache (`.h5`) is its bag: features (N, D), level-0 coordinates and attributes; its recorded
+resolution (target_mpp, level, patch size) must be the run's (`hrsel.data.bag_resolution`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,18 @@ class RunPreprocessing:
     target_mpp: float | None = None  # the run's data.target_mpp (None: level 0)
     band_norm: Any = None  # the run's BandNormalizer (None: the dtype's default)
     tissue: Any = None  # a TissueCache with the run's data.tissue options (None: every patch is scored)
+    bag_resolution: dict[str, Any] = field(default_factory=dict)  # target_mpp / level / patch_size of the run's bags
 
     @classmethod
     def of(cls, model: Any, *, tissue_folder: str | os.PathLike | None = None) -> "RunPreprocessing":
         """The preprocessing of `model`'s run (a `LoadedModel`); tissue masks are cached in `tissue_folder`."""
+        from hrsel.models.bags import takes_feature_bags
+
         options = _data_options(model)
+        bag_resolution = {k: options[k] for k in ("target_mpp", "level", "patch_size")
+                          if takes_feature_bags(model.pipeline) and options.get(k) is not None}
         return cls(target_mpp=options.get("target_mpp"), band_norm=run_band_norm(model),
-                   tissue=tissue_cache(model, tissue_folder))
+                   tissue=tissue_cache(model, tissue_folder), bag_resolution=bag_resolution)
 
     def image(self, image: Any, *, key: str | None = None) -> tuple[Any, Any]:
         """(the image as the pipeline reads it, its tissue mask or None); `key` names the mask in the cache
@@ -71,7 +77,10 @@ class RunPreprocessing:
         if item.kind == "bag":
             from hrsel.data.feature_cache import read_bag
 
+            from hrsel.data.bag_resolution import check_resolution
+
             features, coords, attrs = read_bag(item.path)
+            check_resolution(item.path, attrs, asker="the run's config", **self.bag_resolution)
             entry.update(image=torch.from_numpy(features), coords=coords, attrs=attrs)
             return entry
         entry["image"], tissue = self.image(item.path if image is None else image, key=str(item.path))

@@ -5,6 +5,7 @@
     view.read_region(x, y, w, h)                 # (x, y) in pixels of that level
     x0, y0 = x * view.downsample, y * view.downsample   # back to the slide's level-0 pixels (heatmaps)
     view = view_at_mpp(slide, 0.5)               # that level resampled to exactly 0.5 um/px
+    view = view_at(slide, target_mpp=None, level=1)   # either: what hrsel.features and the data sets read
 
 Pipelines read level 0 of the image they are given; a `LevelView` makes that level 0 the
 chosen level, so patch sizes count pixels at the target resolution. When no level has the
@@ -58,6 +59,30 @@ def view_at_mpp(source: ImageSource, target_mpp: float, *, tolerance: float = MP
     level_mpp = source.mpp * source.level_downsamples[level]
     scale = level_mpp / target_mpp
     return LevelView(source, level, scale=1.0 if scale > 1 - tolerance else scale)
+
+
+def view_at(source: ImageSource, *, target_mpp: float | None = None, level: int = 0) -> ImageSource:
+    """What a pipeline reads of `source` at a resolution: `view_at_mpp` with `target_mpp`, else the
+    `LevelView` of `level` (`source` itself for level 0)."""
+    if target_mpp is not None:
+        return view_at_mpp(source, target_mpp)
+    return source if level == 0 else LevelView(source, level)
+
+
+def base_image(source: ImageSource) -> ImageSource:
+    """The image under a `LevelView` (a view of a view: the innermost), or `source` itself."""
+    while isinstance(source, LevelView):
+        source = source.source
+    return source
+
+
+def level0_scale(source: ImageSource) -> float:
+    """Level-0 pixels of `base_image(source)` per pixel of `source` (1 for an image that is no view)."""
+    scale = 1.0
+    while isinstance(source, LevelView):
+        scale *= source.downsample
+        source = source.source
+    return scale
 
 
 class LevelView(ImageSource):

@@ -20,6 +20,13 @@ def is_feature_bags(images: Any) -> bool:
             and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in images))
 
 
+def takes_feature_bags(pipeline: torch.nn.Module) -> bool:
+    """True for a pipeline whose patch encoder reads cached features (`feature_projector`), not pixels."""
+    from hrsel.models.backbones import FeatureProjector
+
+    return any(isinstance(module, FeatureProjector) for module in pipeline.modules())
+
+
 class FeatureBags:
     """B feature bags on `device`: `chunks` streams them I items at a time, `gather` picks M of each."""
 

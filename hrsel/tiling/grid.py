@@ -90,7 +90,8 @@ class PatchGrid:
         mask_size: int = 1024,
         max_cells: int = MAX_GRID_CELLS,
     ) -> "PatchGrid":
-        """The grid over an `ImageSource` at `level`; with `min_tissue_fraction`, Otsu-masked.
+        """The grid over an `ImageSource` at `level`; with `min_tissue_fraction`, only the patches on tissue
+        (`with_mask`: the tissue mask of `hrsel.tiling.tissue`, pen ink left out).
 
         Too many patches (`max_cells`) or a mask whose thumbnail would decode a giant level
         raise `ImageTooLargeError` naming the image.
@@ -175,7 +176,10 @@ class PatchGrid:
 
         `mask` is a 2-D bool array spanning the whole level-0 image (any scale),
         or a function of the (n, 2) level-0 coords returning bool (n,). Without
-        one, an Otsu mask of `source`'s thumbnail (longer side `mask_size`) is used.
+        one, `source`'s tissue mask (`hrsel.tiling.tissue.compute_tissue_mask` of its
+        thumbnail, longer side `mask_size`: the one every data set and command uses, pen
+        ink left out) picks the patches as it picks a pipeline's candidate cells;
+        `foreground="bright"` takes the bright side of Otsu's threshold instead.
         """
         if callable(mask):
             keep = np.asarray(mask(self.coords), dtype=bool)
@@ -185,6 +189,11 @@ class PatchGrid:
         if mask is None:
             if source is None:
                 raise ValueError("with_mask needs a mask array, a mask function or source=")
+            if foreground == "dark":
+                from hrsel.tiling.tissue import compute_tissue_mask
+
+                tissue = compute_tissue_mask(source, max_size=mask_size, min_fraction=min_tissue_fraction)
+                return self.subset(tissue.candidates(self.boxes()[:, :2], self.patch_size_level0))
             from hrsel.tiling.mask import tissue_mask
 
             mask = tissue_mask(source, max_size=mask_size, foreground=foreground)

@@ -11,9 +11,17 @@ A thumbnail pixel is tissue when it is not pen ink and either
    least a little (HSV saturation >= `min_saturation`: a grey shadow or dust is no tissue), or
 2. clearly coloured (saturation >= `faint_saturation`): pale, thin tissue that Otsu puts on
    the bright side with the glass; glass is bright *and* grey (saturation about 0.02).
-Pen ink: strongly saturated green-to-blue hues (`ink_hues` degrees, saturation >=
-`ink_saturation`; H&E is pink to purple, hue about 260-350) and near-black pixels (max
-channel < `min_value`). No morphology: the mask is per thumbnail pixel.
+Pen ink, of any colour, on glass or over tissue (`ink_pixels`):
+- coloured ink: saturation >= `ink_saturation` at a hue H&E never takes (`ink_hues`, degrees):
+  green to blue (75-250) and red (350-20); eosin is pink to magenta (about 300-345), haematoxylin
+  purple (about 260-300). Blood, which is as red as red ink, is lost with it.
+- black and dark ink: dark (optical density OD = -log10(I / 255) of the darkest channel >=
+  `ink_density`) and grey in optical density (min OD / max OD over R, G, B >= `ink_greyness`).
+  Stains absorb some colours far more than others (H&E: 0.1-0.5), so their darker pixels stay
+  as colourful; ink absorbs every colour alike (about 1), and over tissue it adds the same OD
+  to each channel, pulling the ratio up (black ink of transmittance 0.3 over stroma: 0.7).
+- near-black pixels (max channel < `min_value`).
+No morphology: the mask is per thumbnail pixel.
 The mask is the thumbnail's size (longer side `max_size`, 1024 by default), so memory does not
 depend on the image size. 16-bit and float thumbnails are stretched to 0..255 as pictures are
 (`hrsel.io.pixels.to_display`); non-RGB ones (grey, multispectral) use step 1 alone on the mean
@@ -34,8 +42,10 @@ from hrsel.tiling.mask import otsu_threshold
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {"min_saturation": 0.07, "faint_saturation": 0.1, "ink_hues": (75.0, 250.0), "ink_saturation": 0.3, "min_value": 40,
-            "min_contrast": 8}
+DEFAULTS = {"min_saturation": 0.07, "faint_saturation": 0.1, "ink_hues": ((75.0, 250.0), (350.0, 20.0)),
+            "ink_saturation": 0.3, "ink_density": 0.15, "ink_greyness": 0.65, "min_value": 40, "min_contrast": 8}
+RULE_VERSION = 2  # bump when the rule changes: cached masks and feature caches made with another are redone
+HueRange = tuple[float, float]  # (from, to) degrees, counter-clockwise: (350, 20) wraps through 0
 
 
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,31 +61,50 @@ def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hue, sat, hi
 
 
+def ink_pixels(rgb: np.ndarray, *, ink_hues: tuple[HueRange, ...] = DEFAULTS["ink_hues"],
+               ink_saturation: float = DEFAULTS["ink_saturation"], ink_density: float = DEFAULTS["ink_density"],
+               ink_greyness: float = DEFAULTS["ink_greyness"], min_value: int = DEFAULTS["min_value"]) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w) bool: pen ink of any colour (see the module doc)."""
+    hue, sat, value = hsv(rgb)
+    coloured = np.zeros(hue.shape, dtype=bool)
+    for start, stop in ink_hues:
+        inside = (hue >= start) & (hue <= stop) if start <= stop else (hue >= start) | (hue <= stop)
+        coloured |= inside
+    coloured &= sat >= ink_saturation
+    od = optical_density(rgb)  # (h, w, 3)
+    darkest, lightest = od.max(axis=-1), od.min(axis=-1)
+    grey = (darkest >= ink_density) & (lightest >= ink_greyness * darkest)
+    return coloured | grey | (value < min_value)
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 -> float64 -log10(I / 255) per channel, I clipped to >= 1 (Beer-Lambert absorbance)."""
+    return -np.log10(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)
+
+
 def tissue_pixels(thumbnail: np.ndarray, *, min_saturation: float = DEFAULTS["min_saturation"],
-                  faint_saturation: float = DEFAULTS["faint_saturation"],
-                  ink_hues: tuple[float, float] = DEFAULTS["ink_hues"],
-                  ink_saturation: float = DEFAULTS["ink_saturation"], min_value: int = DEFAULTS["min_value"],
-                  min_contrast: int = DEFAULTS["min_contrast"]) -> np.ndarray:
-    """(h, w) bool tissue mask of a thumbnail (see the module doc for the rule)."""
+                  faint_saturation: float = DEFAULTS["faint_saturation"], min_contrast: int = DEFAULTS["min_contrast"],
+                  **ink: Any) -> np.ndarray:
+    """(h, w) bool tissue mask of a thumbnail (see the module doc); `ink`: options of `ink_pixels`."""
     image = to_display(np.asarray(thumbnail))
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     rgb = image.ndim == 3 and image.shape[2] in (3, 4)
     if rgb:
         image = image[..., :3]
-        hue, sat, value = hsv(image)
-        ink = ((hue >= ink_hues[0]) & (hue <= ink_hues[1]) & (sat >= ink_saturation)) | (value < min_value)
+        _, sat, _ = hsv(image)
+        ink_mask = ink_pixels(image, **ink)
     else:
-        ink = np.zeros(image.shape[:2], dtype=bool)
+        ink_mask = np.zeros(image.shape[:2], dtype=bool)
     grey = np.rint(image.mean(axis=2) if image.ndim == 3 else image).astype(np.uint8)
-    rest = grey[~ink]
+    rest = grey[~ink_mask]
     if rest.size == 0 or int(rest.max()) - int(rest.min()) < min_contrast:
         dark = np.ones(grey.shape, dtype=bool)  # one grey level: nothing for Otsu to split
     else:
         dark = grey <= otsu_threshold(rest)
     if not rgb:
         return dark
-    return ((dark & (sat >= min_saturation)) | (sat >= faint_saturation)) & ~ink
+    return ((dark & (sat >= min_saturation)) | (sat >= faint_saturation)) & ~ink_mask
 
 
 @dataclass
