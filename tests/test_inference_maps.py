@@ -193,8 +193,9 @@ def test_near_identical_probabilities_are_not_stretched_into_a_confident_map():
     np.testing.assert_allclose(ranked.values[:4], [0, 1 / 3, 2 / 3, 1])
     logits = score_colors(np.array([-3.0, 0.0, 5.0]))  # not probabilities: their range
     assert logits.scale == "range" and (logits.vmin, logits.vmax) == (-3.0, 5.0) and "stretched" in logits.label
-    attention = score_colors(np.array([1e-6, 1e-3, 0.5]), "log")
-    assert attention.vmax == 0.0 and attention.vmin == pytest.approx(-4) and attention.values[0] == pytest.approx(-4)
+    attention = score_colors(np.array([1e-9, 2e-6, 1e-4]), "log")  # more than 4 decades below the top: clipped
+    assert attention.vmax == pytest.approx(-4) and attention.vmin == pytest.approx(-8)
+    np.testing.assert_allclose(attention.values, [-8, np.log10(2e-6), -4])
     assert score_colors(np.array([-1.0, 0.0]), "log").scale == "rank"  # nothing positive to take a log of
     np.testing.assert_allclose(percentile_ranks(np.array([2.0, 1.0, 2.0, np.nan]))[:3], [0.75, 0.0, 0.75])
     with pytest.raises(ConfigError, match="auto, fixed, range, rank, log"):

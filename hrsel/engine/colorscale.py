@@ -11,9 +11,9 @@ Scales (`SCALES`):
   colour map, which reads as certainty: pick it knowingly.
 - "rank": each score's rank among the image's scores, 0 (lowest) to 1 (highest): the order
   the selection follows, not the size of the differences.
-- "log": log10 of the scores, from `LOG_DECADES` decades below the top (or the smallest positive
-  score) to 1 (or the top score past 1): attention spread over many patches stays visible.
-  Scores <= 0 are drawn at the bottom; without a positive score it falls back to "rank".
+- "log": log10 of the scores, from the top score down `LOG_DECADES` decades (or to the smallest
+  positive score): attention spread over 10^5 patches (each ~1e-5) still shows where it is
+  higher. Scores <= 0 are drawn at the bottom; without a positive score it falls back to "rank".
 - "auto" (the default): "fixed" when every score lies in [0, 1], else "range" (raw scorer
   logits have no fixed scale).
 """
@@ -66,8 +66,8 @@ def score_colors(scores: np.ndarray, scale: str = "auto") -> ScoreColors:
                            f"patch score, stretched to its range ({actual})")
     if scale == "rank":
         return ScoreColors(percentile_ranks(scores), 0.0, 1.0, scale, f"rank of the patch score, 0 to 1 ({actual})")
-    top = max(high, 1.0)
-    floor = max(float(finite[finite > 0].min()), top * 10.0 ** -LOG_DECADES)
+    top = high
+    floor = min(max(float(finite[finite > 0].min()), top * 10.0 ** -LOG_DECADES), top / 10)
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.where(np.isfinite(scores), np.log10(np.clip(scores, floor, None)), np.nan)
     return ScoreColors(values, float(np.log10(floor)), float(np.log10(top)), scale,

@@ -8,8 +8,8 @@ scores, or was selected. A run with `data.tissue` scores only the patches on tis
 are NaN), so glass drops out there. Blank is judged on a thumbnail (no patch is read at full
 resolution): a patch whose thumbnail pixels vary by at most `BLANK_STD` (standard deviation, in
 the 0-255 units of the picture) in every band, such as the empty canvas around digits or a flat
-scanner background. On a 20000 x 20000 image that is the difference between 500,000 polygons and
-the few thousand that hold something.
+scanner background. On `make demo`'s 20000 x 20000 canvas that keeps 76,871 of 508,369 patches
+(29 MB of GeoJSON instead of 194 MB): those touching its 5 digits and 8,889 noise strokes.
 """
 from __future__ import annotations
 
