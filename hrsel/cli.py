@@ -10,6 +10,7 @@ with 1, or 128 + the signal number when a signal stopped the run. No traceback f
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable
 
@@ -32,3 +33,31 @@ def run_command(body: Callable[[], int], *, bad_input: tuple[type[BaseException]
         print(f"error: {e}", file=sys.stderr)
         signum = getattr(e, "signum", 0)
         return 128 + signum if signum else 1
+
+
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to `sys.stderr` as it is when a record is logged, not as it was when the command
+    started: a command run in-process after its stderr was replaced (a notebook cell, a test) still logs."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_to_stderr(fmt: str, *, level: int = logging.INFO) -> None:
+    """What `logging.basicConfig(level, format)` does for a command (nothing when the process already
+    logs elsewhere), with a handler that follows `sys.stderr`; a second command replaces the first's."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_hrsel_command", False)]:
+        root.removeHandler(handler)
+    if root.handlers:  # a run's own handlers (`hrsel.engine.logbook`), a caller's
+        return
+    handler = StderrHandler()
+    handler._hrsel_command = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)

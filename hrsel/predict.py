@@ -17,7 +17,6 @@ and names it.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from hrsel.engine.colorscale import SCALES
@@ -48,10 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hrsel.cli import run_command
+    from hrsel.cli import log_to_stderr, run_command
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log_to_stderr("%(message)s")
     return run_command(lambda: predict_command(args))
 
 

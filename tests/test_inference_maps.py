@@ -282,3 +282,46 @@ def test_training_pictures_name_classes_and_measure_in_micrometres(tmp_path, mon
     assert titles == ["case_1\ntumor: predicted tumor, true normal\ngrade: predicted G2, true G3"]
     assert bars == [0.25] and (tmp_path / "val_case_1.png").is_file()
     assert visualize.class_label([0, 2], ["a", "b", "c"]) == "a|c" and visualize.class_label(4, None) == "4"
+
+
+# ----------------------------------------------------------------------------- the log lines reach the user
+
+def test_command_logs_follow_the_current_stderr(capsys):
+    """`hrsel.features` / `hrsel.predict` run in-process after another command whose stderr is gone (a test's
+    capture, a notebook cell): the feature counts and units must still reach stderr, not a closed stream."""
+    import io
+    import sys
+
+    from hrsel.cli import log_to_stderr
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    for handler in saved[0]:
+        root.removeHandler(handler)
+    try:
+        earlier, sys.stderr = sys.stderr, io.StringIO()
+        log_to_stderr("%(message)s")  # an earlier command, whose stderr is then closed
+        sys.stderr.close()
+        sys.stderr = earlier
+        logging.getLogger("hrsel.inference.geojson").info("a.geojson: 6 features, 2.1 kB")
+        err = capsys.readouterr().err
+        assert "a.geojson: 6 features, 2.1 kB" in err and "Logging error" not in err
+        log_to_stderr("%(message)s")  # a second command: still one handler
+        assert len(root.handlers) == 1
+        from hrsel.engine.logbook import setup_logging
+
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        earlier, sys.stderr = sys.stderr, io.StringIO()
+        setup_logging(None, is_main=True)  # a training run in the same process, as hrsel.train main does
+        sys.stderr.close()
+        sys.stderr = earlier
+        logging.getLogger("hrsel.inference.predict").info("a.png: score map in micrometres")
+        err = capsys.readouterr().err
+        assert "a.png: score map in micrometres" in err and "Logging error" not in err
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
