@@ -15,6 +15,7 @@ Python makes it a namespace package, the command's own modules still load, and t
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -55,3 +56,31 @@ def check_package_home() -> None:
         f"Python imported 'hrsel' from the folder {folder} (it has no __init__.py), not from the hrsel package "
         f"in {home}: `python -m` searches the working folder ({os.getcwd()}) first, so that folder hides the "
         f"package. Run the command from another folder, or rename {folder}")
+
+
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to `sys.stderr` as it is when a record is logged, not as it was when the command
+    started: a command run in-process after its stderr was replaced (a notebook cell, a test) still logs."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_to_stderr(fmt: str, *, level: int = logging.INFO) -> None:
+    """What `logging.basicConfig(level, format)` does for a command (nothing when the process already
+    logs elsewhere), with a handler that follows `sys.stderr`; a second command replaces the first's."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_hrsel_command", False)]:
+        root.removeHandler(handler)
+    if root.handlers:  # a run's own handlers (`hrsel.engine.logbook`), a caller's
+        return
+    handler = StderrHandler()
+    handler._hrsel_command = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)

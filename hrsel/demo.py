@@ -215,6 +215,14 @@ def classify(run_dir: Path, image: Path, out: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def scored_patches(score_map: str | Path) -> int:
+    """The patches with a score in a predict's `_scores.zarr` (the GeoJSON holds only the informative ones)."""
+    import numpy as np
+    import zarr
+
+    return int(np.isfinite(zarr.open_group(str(score_map), mode="r")["0"][0]).sum())
+
+
 def classify_worker(run: str, image: str, out: str) -> int:
     """Worker mode: predict one image into `out` and print one JSON line (row, size, seconds, peak RSS)."""
     from hrsel.inference import load_model, predict_sources
@@ -225,8 +233,8 @@ def classify_worker(run: str, image: str, out: str) -> int:
     result = predict_sources(model, [image], out_dir=out, progress=True)
     seconds = time.perf_counter() - start
     peak_mb = peak_rss_mb()
-    geojson = result.files.get("geojson") or []
-    patches = Path(geojson[0]).read_bytes().count(b'"Feature"') if geojson else 0  # one per scored patch
+    maps = result.files.get("zarr") or []
+    patches = scored_patches(maps[0]) if maps else 0
     row = {k: v for k, v in result.rows[0].items() if k.endswith("/predicted")}
     print(json.dumps({"row": row, "size": list(open_image(image).dimensions), "seconds": seconds,
                       "peak_mb": peak_mb, "patches": patches}))

@@ -252,12 +252,10 @@ def _bar(total: int | None, unit: str, disable: bool, leave: bool = True) -> Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    from hrsel.cli import run_command
+    from hrsel.cli import log_to_stderr, run_command
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr("%(levelname)s %(name)s: %(message)s")
     return run_command(lambda: features_command(args))
 
 

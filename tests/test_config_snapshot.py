@@ -8,6 +8,9 @@ its type, unchanged.
 Keys renamed since (`hrsel.config.renames.RENAMED`: model.num_selected -> model.k, ...) are
 compared under their new names: the snapshot passes through the same `rename_keys` that
 `load_config` applies to every file, so a renamed key must carry the value it had.
+
+Values changed on purpose since, in the snapshot too: manifest_example's data.tissue (true) and
+data.val_fraction (0.2), the README's sizing advice (issue 24).
 """
 from __future__ import annotations
 

@@ -296,6 +296,22 @@ def test_thumbnail_fits_and_matches_block_mean(pyramid, image):
     np.testing.assert_array_equal(small, image)
 
 
+def test_thumbnail_of_a_box_reads_the_level_it_needs(pyramid, image):
+    source = ZarrSource(pyramid)
+    levels = reference_levels(image)
+    box = (300, 200, 500, 360)  # 200 x 160 level-0 pixels
+    # 150 px: only level 0 holds the box in >= 150 px; block-averaged by 2
+    np.testing.assert_array_equal(source.thumbnail(150, box=box), block_mean(image[200:360, 300:500], 2))
+    # 100 and 50 px: levels 1 and 2 hold it in exactly 100 x 80 and 50 x 40 pixels
+    for size, level, (x0, y0, x1, y1) in ((100, 1, (150, 100, 250, 180)), (50, 2, (75, 50, 125, 90))):
+        got = source.thumbnail(size, box=box)
+        assert got.shape == (y1 - y0, x1 - x0, 3)
+        assert np.abs(got.astype(int) - levels[level][y0:y1, x0:x1].astype(int)).max() <= 1
+    # a box past the edge is clipped to the image; the whole image is the plain thumbnail
+    assert source.thumbnail(64, box=(650, 550, 900, 900)).shape == (50, 50, 3)
+    np.testing.assert_array_equal(source.thumbnail(100, box=(0, 0, 700, 600)), source.thumbnail(100))
+
+
 # ---- workers, threads, lifetime --------------------------------------------------------------
 
 

@@ -259,6 +259,21 @@ def test_ips_streams_only_tissue_cells_and_cnn_ignores_masks():
     assert cnn(images, tissue=masks).logits["y"].shape == (2, 3)
 
 
+def test_ips_with_fewer_tissue_cells_than_m_keeps_every_cell(caplog):
+    """As the other pipelines: one tissue cell and M = 3 must not become a selection of one patch (a
+    slide with a speck of tissue and data.batch_size 1 then fed BatchNorm a single patch)."""
+    images, _ = island_images(1)
+    speck = np.zeros((24, 24), bool)
+    speck[4:8, 4:8] = True  # exactly the cell at x 16, y 16
+    mask = TissueMask(speck, (96, 96), min_fraction=0.5)
+    assert int(mask.candidates(cell_corners(GridGeometry.regular((96, 96), patch_size=16)), 16).sum()) == 1
+    ips = build_pipeline("ips", tasks={"y": TaskSpec("multiclass", 3)}, **SMALL["ips"]).eval()
+    with torch.no_grad():
+        out = ips(images, tissue=[mask])
+    assert int((out.indices >= 0).sum()) == 3 and np.isfinite(out.scores.numpy()).all()
+    assert "fewer than the 3 to select: every cell stays a candidate" in caplog.text
+
+
 # ---- through the command line: a manifest of slides with tissue islands on glass -------------------
 
 def write_slide(path: Path, islands: list[tuple[int, int]], *, seed: int, pen: bool) -> None:

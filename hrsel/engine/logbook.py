@@ -15,6 +15,7 @@ from typing import IO, Any, Iterable
 
 import torch
 
+from hrsel.cli import StderrHandler
 from hrsel.engine.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def setup_logging(run_dir: Path | None, *, is_main: bool, level: int = logging.I
             root.removeHandler(handler)
             handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [StderrHandler()]  # the stderr of the moment, not of the first run
     handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
     if is_main and run_dir is not None:
         handlers.append(_RunLogFile(run_dir / "train.log"))

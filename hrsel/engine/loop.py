@@ -281,7 +281,7 @@ class Trainer:
 
     def _draw(self, batch: dict[str, Any], out: PipelineOutput, limit: int, prefix: str) -> int:
         return draw_batch(self.run_dir / "pictures", prefix, pipeline=self.module, batch=batch, out=out,
-                          tasks=self.tasks, limit=limit)
+                          tasks=self.tasks, limit=limit, class_names=self.metadata.get("class_names"))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, *, is_best: bool = False) -> None:

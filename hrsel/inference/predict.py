@@ -7,9 +7,10 @@
 
 Per image, in `out_dir`: a row of `predictions.csv` (the predicted class of every task and the
 probability of every class, `<task>/prob/<class>`, and the row's `split`), `<stem>.geojson` (the
-scored patches for QuPath, see `geojson.py`), `<stem>_scores.zarr` (the score map as OME-Zarr for
-napari, see `scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False` skips it).
-With labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task and
+patches that carry information for QuPath, see `geojson.py` and `informative.py`; `all_patches=True`:
+every scored one), `<stem>_scores.zarr` (the score map as OME-Zarr for napari, in micrometres when the
+image knows its mpp, see `scoremap.py`) and `<stem>_heatmap.png` (see `heatmap.py`; `pictures=False`
+skips it). With labels (a manifest), `metrics.json` holds the metrics of `hrsel.engine.metrics` per task and
 per split, never pooled across splits: `{"metrics": {"test": {...}, "train": {...}}, ...}`, rows
 without a split under "unsplit" (`inputs.manifest_splits` says which rows are which).
 `out_dir` is locked while a predict runs, and both tables are written when every image is done,
@@ -37,7 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hrsel.engine.colorscale import check_scale
 from hrsel.errors import DataError, SelectionError
+from hrsel.inference.informative import TOP_PATCHES
 from hrsel.inference.inputs import PredictInput, check_input_kinds, expand_inputs
 from hrsel.inference.outputs import (MAP_SUFFIXES, METRICS, PREDICTIONS, TISSUE, claim_output_folder, write_table,
                                      writing)
@@ -78,19 +81,28 @@ class ImagePrediction:
 
 def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, out_dir: str | Path,
                     batch_size: int = 1, num_workers: int = 0, pictures: bool = True, gallery: int = 8,
-                    progress: bool = False, claim: bool = True, split: str | None = None) -> PredictResult:
+                    progress: bool = False, claim: bool = True, split: str | None = None,
+                    all_patches: bool = False, top_patches: int = TOP_PATCHES,
+                    color_scale: str = "auto") -> PredictResult:
     """Predict every input (files, folders, manifest CSVs, .h5 caches; see `inputs.expand_inputs`).
 
     `model`: a `LoadedModel` (`hrsel.inference.load_model`). Images of one batch are run together
     when they have the same size and channels (the pipelines batch images of one size). `out_dir` is
     locked for the run (`outputs.claim_output_folder`; `claim=False`: the caller holds the lock) and
     its tables are written at the end, atomically. `split` ("train", "val" or "test"): only the
-    manifest rows of that split; an input without a split is then a DataError naming it.
+    manifest rows of that split; an input without a split is then a DataError naming it. The GeoJSON
+    holds the patches that carry information and the `top_patches` highest scores (`informative.py`),
+    or every scored patch with `all_patches`; `color_scale` colours the heatmaps
+    (`hrsel.engine.colorscale.SCALES`).
     """
     if batch_size < 1 or num_workers < 0:
         raise DataError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
     if split is not None and split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)} (the manifest rows to predict)")
+    if top_patches < 0:
+        raise DataError(f"top_patches={top_patches} must be >= 0 (the highest-scoring patches always written)")
+    maps = {"pictures": pictures, "gallery": gallery, "all_patches": all_patches, "top_patches": top_patches,
+            "color_scale": check_scale(color_scale)}
     out_dir = Path(out_dir)
     lock = claim_output_folder(out_dir) if claim else None
     try:
@@ -100,7 +112,7 @@ def predict_sources(model: Any, inputs: Sequence[str | Path | PredictInput], *, 
                          expand_inputs([given], tasks=model.tasks, class_names=model.class_names, out_dir=out_dir,
                                        config=model.config))
         return _predict(model, rows_of_split(items, split), out_dir, batch_size=batch_size,
-                        num_workers=num_workers, pictures=pictures, gallery=gallery, progress=progress, split=split)
+                        num_workers=num_workers, maps=maps, progress=progress, split=split)
     finally:
         if lock is not None:
             lock.release()
@@ -126,7 +138,7 @@ def rows_of_split(items: list[PredictInput], split: str | None) -> list[PredictI
 
 
 def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size: int, num_workers: int,
-             pictures: bool, gallery: int, progress: bool, split: str | None = None) -> PredictResult:
+             maps: dict[str, Any], progress: bool, split: str | None = None) -> PredictResult:
     targets = {i: encode_labels(item, model.tasks, model.class_names) for i, item in enumerate(items)}
     stems = unique_stems([item.path for item in items])
     columns = csv_columns(model, labelled=any(item.labels for item in items),
@@ -154,8 +166,7 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
                     for t, target in targets[k].items():
                         kept_logits[t].append(logits[t])
                         kept_targets[t].append(target)
-                    _write_maps(model, entry, out, j, out_dir / stems[k], row, result, pictures=pictures,
-                                gallery=gallery)
+                    _write_maps(model, entry, out, j, out_dir / stems[k], row, result, **maps)
                     overall.update(1)
     write_table(out_dir / PREDICTIONS, _csv_text(columns, result.rows))
     result.metrics = _write_metrics(model, items, kept, out_dir, split=split)
@@ -316,14 +327,17 @@ def output_stem(path: Path) -> str:
 # ---------------------------------------------------------------------------------------- maps
 
 def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path, row: dict[str, Any],
-                result: PredictResult, *, pictures: bool, gallery: int) -> None:
+                result: PredictResult, *, pictures: bool, gallery: int, all_patches: bool = False,
+                top_patches: int = TOP_PATCHES, color_scale: str = "auto") -> None:
     from hrsel.inference.geojson import write_geojson
+    from hrsel.inference.informative import informative
     from hrsel.inference.scoremap import score_grid, write_ome_zarr
 
     if out.scores is None:
         log.warning("%s: the %s pipeline gives no patch scores; no GeoJSON, score map or heatmap",
                     entry["input"].path, type(model.pipeline).__name__)
         return
+    name = entry["input"].path.name
     source, coords, patch, image_wh = _geometry(model, entry, out, j)
     scores = out.scores[j].float().cpu().numpy()[: len(coords)]
     selected = np.array([], dtype=np.int64) if out.indices is None else out.indices[j].cpu().numpy()
@@ -331,23 +345,60 @@ def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path,
     f = float(getattr(source, "downsample", 1.0))  # a LevelView's pixels -> the slide's level-0 pixels
     slide_wh = tuple(source.source.dimensions) if f != 1.0 else image_wh
     stride = _stride(model.pipeline)
+    blank = _blank_patches(source, coords, patch, image_wh, name) if pictures or not all_patches else None
+    keep = None if all_patches else informative(scores, selected, blank=blank, top=top_patches)
     geojson, zarr_path, picture = (base.with_name(base.name + suffix) for suffix in MAP_SUFFIXES)
     with writing(geojson):
         result.files["geojson"].append(write_geojson(geojson, coords * f, (patch[0] * f, patch[1] * f), scores,
-                                                     selected, image_wh=slide_wh))
+                                                     selected, image_wh=slide_wh, keep=keep))
+    if keep is not None and not keep.all():
+        log.info("%s: the GeoJSON holds the %s of %s patches that carry information (scored%s, the top %d and "
+                 "the selected); --all-patches writes every scored patch", name, f"{int(keep.sum()):,}",
+                 f"{len(keep):,}", "" if blank is None else " and not blank", top_patches)
+    mpp = _level0_mpp(source)
     grid = score_grid(coords * f, scores, patch_size=(patch[0] * f, patch[1] * f), selected=selected,
-                      stride=None if stride is None else stride * f)
+                      stride=None if stride is None else stride * f, mpp=mpp)
+    if mpp:
+        log.info("%s: score map in micrometres (%.4g um per level-0 pixel)", name, mpp)
+    else:
+        log.info("%s: score map in level-0 pixels: the image has no microns-per-pixel metadata", name)
     with writing(zarr_path):
         result.files["zarr"].append(write_ome_zarr(zarr_path, grid))
     if pictures:
         from hrsel.inference.heatmap import save_heatmap_picture
 
-        title = f"{entry['input'].path.name}\n" + "\n".join(
+        title = f"{name}\n" + "\n".join(
             f"{t}: {row[f'{t}/predicted'] or '(none)'} ({_top_prob(row, t)})" for t in model.tasks)
+        show = np.isfinite(scores) if blank is None else np.isfinite(scores) & ~blank
+        show[selected[selected < len(show)]] = True
         with writing(picture):
             result.files["picture"].append(save_heatmap_picture(
                 picture, source, image_wh=image_wh, coords=coords, patch_size=patch, scores=scores,
-                selected=selected, title=title, gallery=gallery))
+                selected=selected, title=title, gallery=gallery, color_scale=color_scale, show=show))
+
+
+def _blank_patches(source: Any, coords: np.ndarray, patch: tuple[float, float], image_wh: tuple[int, int],
+                   name: str) -> np.ndarray | None:
+    """(N,) bool: blank patches judged on a thumbnail (`informative.blank_patches`); None without one."""
+    from hrsel.errors import ImageTooLargeError
+    from hrsel.inference.informative import THUMB_SIDE, blank_patches
+    from hrsel.io.pixels import to_display
+
+    if source is None:
+        return None
+    try:
+        thumbnail = to_display(np.asarray(source.thumbnail(THUMB_SIDE)))  # every band, 0..255
+    except ImageTooLargeError as error:
+        log.info("%s: blank patches not judged (%s); every scored patch counts as informative", name, error)
+        return None
+    return blank_patches(thumbnail, image_wh=image_wh, coords=coords, patch_size=patch)
+
+
+def _level0_mpp(source: Any) -> float | None:
+    """Microns per pixel of the slide's level 0 (a LevelView: of the slide it views); None when unknown."""
+    slide = getattr(source, "source", None) if source is not None and hasattr(source, "downsample") else source
+    mpp = getattr(slide, "mpp", None)
+    return float(mpp) if mpp else None
 
 
 def _top_prob(row: dict[str, Any], task: str) -> str:

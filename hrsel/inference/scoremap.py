@@ -1,17 +1,21 @@
 """Patch scores as an OME-Zarr image (NGFF 0.4) that napari opens over the slide.
 
-    grid = score_grid(coords, scores, patch_size=256, selected=idx)   # (C, rows, cols), one cell per patch
+    grid = score_grid(coords, scores, patch_size=256, selected=idx, mpp=0.25)   # (C, rows, cols)
     write_ome_zarr("slide_scores.zarr", grid)
 
 Channels: "score" (the patch score, NaN where none) and "selected" (1 for a selected patch,
-else 0). Axes c, y, x; the scale transform maps one cell to the patch stride in level-0 pixels,
-the translation puts cell centres on patch centres, so the map lies over the image opened with
-the same level-0 pixel units. Coarser levels (2x2 NaN-aware means) are added while the grid is
+else 0), one cell per patch. Axes c, y, x; the scale transform maps one cell to the patch
+stride and the translation puts cell centres on patch centres. With `mpp` (the slide's level-0
+microns per pixel) both are in micrometres and the y and x axes say `"unit": "micrometer"`, as
+the slide's own OME-Zarr / OME-TIFF metadata does, so the map lies over the slide in napari and
+any NGFF viewer; without it they are in level-0 pixels and the axes carry no unit, which lies
+over images opened in pixel units only. Coarser levels (2x2 NaN-aware means) are added while the grid is
 larger than `MIN_LEVEL_SIDE`. Written in zarr format 2 (what NGFF 0.4 specifies) with the
 installed zarr, 2.x or 3.x.
 """
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,11 @@ class ScoreGrid:
     stride: tuple[float, float]  # level-0 (x, y) pixels between cells
     patch_size: tuple[float, float]  # level-0 (width, height) of a patch
     channel_names: tuple[str, ...] = CHANNELS
+    mpp: float | None = None  # microns per level-0 pixel: the transforms are in micrometres; None: pixels
+
+    @property
+    def unit(self) -> str | None:
+        return "micrometer" if self.mpp else None
 
 
 def _lattice_step(values: np.ndarray, fallback: float) -> float:
@@ -40,12 +49,16 @@ def _lattice_step(values: np.ndarray, fallback: float) -> float:
 
 
 def score_grid(coords: np.ndarray, scores: np.ndarray, *, patch_size: float | Sequence[float],
-               selected: Sequence[int] | np.ndarray = (), stride: float | Sequence[float] | None = None) -> ScoreGrid:
+               selected: Sequence[int] | np.ndarray = (), stride: float | Sequence[float] | None = None,
+               mpp: float | None = None) -> ScoreGrid:
     """Scores of patches with top-left `coords` (N, 2) level-0 (x, y) on a regular lattice -> a cell grid.
 
     `stride` defaults to the smallest step between distinct corners (the patch size for a single
-    row or column). Bounded by N cells per channel, never by the image size.
+    row or column). `mpp`: the image's level-0 microns per pixel (None: unknown, the map is in
+    pixels). Bounded by N cells per channel, never by the image size.
     """
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp={mpp!r} must be a positive number of microns per pixel, or None")
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(coords) != len(scores) or len(coords) == 0:
@@ -64,7 +77,8 @@ def score_grid(coords: np.ndarray, scores: np.ndarray, *, patch_size: float | Se
     chosen = np.asarray(selected, dtype=np.int64).reshape(-1)
     chosen = chosen[(chosen >= 0) & (chosen < len(scores))]
     values[1, rows_idx[chosen], cols_idx[chosen]] = 1.0
-    return ScoreGrid(values=values, origin=(float(x0), float(y0)), stride=(sx, sy), patch_size=(pw, ph))
+    return ScoreGrid(values=values, origin=(float(x0), float(y0)), stride=(sx, sy), patch_size=(pw, ph),
+                     mpp=float(mpp) if mpp else None)
 
 
 def _downsample(values: np.ndarray) -> np.ndarray:
@@ -84,15 +98,18 @@ def ngff_metadata(grid: ScoreGrid, num_levels: int, *, name: str = "scores") -> 
     """The group attributes: NGFF 0.4 `multiscales` and an `omero` block naming the channels."""
     sx, sy = grid.stride
     pw, ph = grid.patch_size
+    um = grid.mpp or 1.0  # level-0 pixels -> the axes' unit
     datasets = []
     for level in range(num_levels):
         f = 2 ** level
-        # cell centre of level `level` -> centre of the patches it averages, in level-0 pixels
+        # cell centre of level `level` -> centre of the patches it averages, in level-0 pixel centres
+        # (pixel i's centre lies at i, as in the slide's own transform: scale mpp, no translation)
         tx = grid.origin[0] + pw / 2 - 0.5 + (f - 1) * sx / 2
         ty = grid.origin[1] + ph / 2 - 0.5 + (f - 1) * sy / 2
         datasets.append({"path": str(level), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, sy * f, sx * f]},
-            {"type": "translation", "translation": [0.0, ty, tx]}]})
+            {"type": "scale", "scale": [1.0, sy * f * um, sx * f * um]},
+            {"type": "translation", "translation": [0.0, ty * um, tx * um]}]})
+    space = {"type": "space", **({"unit": grid.unit} if grid.unit else {})}
     score = grid.values[0]
     finite = score[np.isfinite(score)]
     low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
@@ -101,8 +118,8 @@ def ngff_metadata(grid: ScoreGrid, num_levels: int, *, name: str = "scores") -> 
                  "inverted": False, "window": {"start": lo, "end": hi, "min": lo, "max": hi}}
                 for label, color, (lo, hi) in zip(grid.channel_names, CHANNEL_COLORS, windows)]
     return {"multiscales": [{"version": "0.4", "name": name, "type": "mean",
-                             "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
-                                      {"name": "x", "type": "space"}],
+                             "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space},
+                                      {"name": "x", **space}],
                              "datasets": datasets}],
             "omero": {"version": "0.4", "name": name, "channels": channels, "rdefs": {"model": "color"}}}
 

@@ -303,8 +303,10 @@ class ImageSource:
         width, height = self.level_dimensions[level]
         return self._checked_read(level, 0, 0, width, height)
 
-    def thumbnail(self, max_size: int, *, max_read_pixels: int | None = None) -> np.ndarray:
-        """The whole image, block-averaged so its longer side is at most `max_size`.
+    def thumbnail(self, max_size: int, *, box: tuple[float, float, float, float] | None = None,
+                  max_read_pixels: int | None = None) -> np.ndarray:
+        """The whole image (or `box`: level-0 x0, y0, x1, y1), block-averaged so its longer side is at
+        most `max_size`.
 
         Reads the smallest level that is still at least `max_size`; if that level has more than
         `max_read_pixels` pixels (default `hrsel.io.resize.THUMBNAIL_READ_PIXELS`) it raises
@@ -316,7 +318,7 @@ class ImageSource:
         if int(max_size) <= 0:
             raise ValueError(f"thumbnail max_size={max_size} must be positive")
         limit = THUMBNAIL_READ_PIXELS if max_read_pixels is None else int(max_read_pixels)
-        return thumbnail_from(self, int(max_size), max_read_pixels=limit)
+        return thumbnail_from(self, int(max_size), box=box, max_read_pixels=limit)
 
     # ---- lifetime & pickling ------------------------------------------------------------
     def close(self) -> None:

@@ -110,11 +110,24 @@ def to_display(values: np.ndarray) -> np.ndarray:
     """
     if values.dtype == np.uint8:
         return values
+    return stretch(values, *band_limits(values))
+
+
+def band_limits(values: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel (low, high) percentiles of (h, w, c) pixels (NaN ignored): what `stretch` maps to 0 and 255."""
     data = values.astype(np.float32)
     flat = data.reshape(-1, data.shape[-1]) if data.ndim == 3 else data.reshape(-1, 1)
+    if not flat.size:
+        return np.zeros(flat.shape[1]), np.ones(flat.shape[1])
     finite = np.where(np.isfinite(flat), flat, np.nan)
-    lo = np.nanpercentile(finite, 1, axis=0) if flat.size else np.zeros(flat.shape[1])
-    hi = np.nanpercentile(finite, 99, axis=0) if flat.size else np.ones(flat.shape[1])
-    lo, hi = np.nan_to_num(lo), np.nan_to_num(hi)
-    scaled = (data - lo) / np.where(hi > lo, hi - lo, 1.0)
+    with np.errstate(all="ignore"):
+        lo, hi = np.nanpercentile(finite, percentiles[0], axis=0), np.nanpercentile(finite, percentiles[1], axis=0)
+    return np.nan_to_num(lo), np.nan_to_num(hi)
+
+
+def stretch(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(h, w, c) pixels -> uint8, each channel mapped linearly from [low, high] to [0, 255] and clipped."""
+    data = values.astype(np.float32)
+    low, high = np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32)
+    scaled = (data - low) / np.where(high > low, high - low, 1.0)
     return np.rint(np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 255.0).astype(np.uint8)

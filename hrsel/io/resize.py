@@ -35,42 +35,64 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def thumbnail_from(
-    source: "ImageSource", max_size: int, *, max_read_pixels: int = THUMBNAIL_READ_PIXELS
+    source: "ImageSource", max_size: int, *, box: tuple[float, float, float, float] | None = None,
+    max_read_pixels: int = THUMBNAIL_READ_PIXELS,
 ) -> np.ndarray:
-    """Read the smallest level that is still >= the target size and block-average it in strips.
+    """Read the smallest level at which `box` is still >= the target size and block-average it in strips.
 
-    Raises `ImageTooLargeError` when that level has more than `max_read_pixels` pixels.
+    `box`: (x0, y0, x1, y1) in level-0 pixels (default: the whole image; clipped to it). Raises
+    `ImageTooLargeError` when the part of that level to decode has more than `max_read_pixels` pixels.
     """
     w0, h0 = source.dimensions
-    target = max_size / max(w0, h0)  # scale of the thumbnail relative to level 0
+    x0, y0, x1, y1 = _clip_box(box, (w0, h0))
+    side = max(x1 - x0, y1 - y0)  # level-0 pixels
     level = 0
-    for candidate, (w, h) in enumerate(source.level_dimensions):
-        if max(w, h) >= min(max_size, max(w0, h0)):
+    for candidate in range(source.level_count):
+        if _level_box(source, candidate, (x0, y0, x1, y1))[4] >= min(max_size, side):
             level = candidate
-    width, height = source.level_dimensions[level]
-    check_read_size(source, level, max_size=max_size, max_read_pixels=max_read_pixels)
-    factor = max(1, math.ceil(max(width, height) / max_size))
-    if target >= 1.0:
-        factor = 1
+    lx0, ly0, width, height, _ = _level_box(source, level, (x0, y0, x1, y1))
+    check_read_size(source, level, max_size=max_size, max_read_pixels=max_read_pixels, size=(width, height))
+    factor = 1 if max_size >= side else max(1, math.ceil(max(width, height) / max_size))
     row_bytes = width * source.channels * source.dtype.itemsize
     strip_rows = max(factor, (STRIP_BYTES // max(row_bytes, 1)) // factor * factor)
-    downsample = source.level_downsamples[level]
     strips = []
     for top in range(0, height, strip_rows):
-        rows = min(strip_rows, height - top)
-        y0 = int(round(top * downsample))
-        strip = source.read_region(0, y0, width, rows, level=level)
+        strip = source.read_level_region(lx0, ly0 + top, width, min(strip_rows, height - top), level)
         strips.append(block_mean(strip, factor))
     return np.concatenate(strips, axis=0)
 
 
-def check_read_size(source: "ImageSource", level: int, *, max_size: int, max_read_pixels: int) -> None:
-    """Refuse a thumbnail whose source level has more than `max_read_pixels` pixels."""
-    width, height = source.level_dimensions[level]
+def _clip_box(box: tuple[float, float, float, float] | None, image_wh: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) level-0 box -> whole pixels inside the image (at least one pixel each way)."""
+    w0, h0 = image_wh
+    if box is None:
+        return 0, 0, int(w0), int(h0)
+    x0, y0 = min(max(int(math.floor(box[0])), 0), w0 - 1), min(max(int(math.floor(box[1])), 0), h0 - 1)
+    x1, y1 = min(max(int(math.ceil(box[2])), x0 + 1), w0), min(max(int(math.ceil(box[3])), y0 + 1), h0)
+    return x0, y0, x1, y1
+
+
+def _level_box(source: "ImageSource", level: int, box: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
+    """The level-0 `box` in pixels of `level`: (x, y, width, height, longer side), within the level."""
+    w, h = source.level_dimensions[level]
+    if box == (0, 0, *source.dimensions):
+        return 0, 0, w, h, max(w, h)
+    d = source.level_downsamples[level]
+    lx0, ly0 = min(int(math.floor(box[0] / d)), w - 1), min(int(math.floor(box[1] / d)), h - 1)
+    lx1, ly1 = max(min(int(math.ceil(box[2] / d)), w), lx0 + 1), max(min(int(math.ceil(box[3] / d)), h), ly0 + 1)
+    return lx0, ly0, lx1 - lx0, ly1 - ly0, max(lx1 - lx0, ly1 - ly0)
+
+
+def check_read_size(source: "ImageSource", level: int, *, max_size: int, max_read_pixels: int,
+                    size: tuple[int, int] | None = None) -> None:
+    """Refuse a thumbnail that would decode more than `max_read_pixels` pixels of `level` (`size`: the
+    part read, default the whole level)."""
+    width, height = source.level_dimensions[level] if size is None else size
     if width * height <= max_read_pixels:
         return
+    part = "" if size is None else "a region "
     raise ImageTooLargeError(
-        f"a {max_size} px thumbnail of {source._name()} would decode level {level} of {width}x{height} "
+        f"a {max_size} px thumbnail of {source._name()} would decode {part}level {level} of {width}x{height} "
         f"= {width * height:,} pixels, more than max_read_pixels={max_read_pixels:,}: the image has "
         f"{source.level_count} level(s) and none is near {max_size} px. Fix: convert it to a pyramidal "
         "tiled TIFF (hrsel.io.writer.write_pyramid, or `vips tiffsave in out.tif --tile --pyramid`), pass "

@@ -184,7 +184,8 @@ class IPSPipeline(Pipeline):
             images = images.to(device)
         batch = ImageBatch(images, device=device, in_chans=self.in_chans)
         geometry = GridGeometry.regular(batch.image_hw, patch_size=self.patch_size, stride=self.stride)
-        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1])
+        candidates = candidate_masks(tissue, geometry, batch_size=batch.batch_size, image_wh=batch.image_hw[::-1],
+                                     min_count=self.k)
         if candidates is not None or self.mode == "eager_sequential":  # one image at a time through selection
             parts = [ImageBatch(images[i:i + 1], device=device) for i in range(len(images))]
             cells = None if candidates is None else [row.nonzero()[:, 0] for row in candidates]
