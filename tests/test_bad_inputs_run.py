@@ -126,8 +126,10 @@ def _cfg(c: Ctx) -> str:
 
 def _variant(c: Ctx, text_from: Callable[[str], str], name: str = "variant.yaml") -> str:
     """A config file derived from the finished run's config (same experiment and output_dir)."""
-    path = c.tmp / name
-    path.write_text(text_from(c.finished.config.read_text()))
+    path, text = c.tmp / name, c.finished.config.read_text()
+    changed = text_from(text)
+    assert changed != text, "the variant's text replacement found nothing to replace in the template"
+    path.write_text(changed)
     return str(path)
 
 
@@ -203,7 +205,7 @@ CASES = {
                                                    data_work=True),
     "dps_k_larger_than_grid_with_overwrite": Case(
         lambda c: [_variant(c, lambda t: t.replace("name: ips", "name: dps").replace(
-            "num_selected: 3, chunk_size: 4", "k: 5000, num_samples: 4")), "--overwrite"],
+            "k: 3, score_chunk: 4", "k: 5000, num_samples: 4")), "--overwrite"],
         lambda c: ["model.k=5000", "k=5000 is larger than the number of patches"], data_work=True),
     "learned_positions_fewer_than_the_grid": Case(
         lambda c: [_cfg(c), "--overwrite", "model.pos_encoding=learned", "model.num_positions=4"],
