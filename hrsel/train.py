@@ -409,6 +409,7 @@ def train(request: RunRequest, info: Any, device: Any) -> dict[str, Any]:
 
     pipeline = prepare_for_device(build_pipeline(cfg, splits.train.tasks), device,
                                   channels_last=cfg.train.channels_last)
+    warn_batch_statistics(cfg, pipeline)
     probe_set = splits.test if splits.val is None else splits.val
     dry_run(cfg, pipeline, probe_set, collate)
     write_run_folder(request, splits, info)
@@ -430,6 +431,15 @@ def train(request: RunRequest, info: Any, device: Any) -> dict[str, Any]:
         distributed.cleanup()
     result["is_main"] = info.is_main
     return result
+
+
+def warn_batch_statistics(cfg: Config, pipeline: Any) -> None:
+    """A selection model with BatchNorm trained one image per batch: say that evaluation will differ."""
+    from hrsel.models.norms import batch_statistics_warning
+
+    warning = batch_statistics_warning(pipeline, batch_size=cfg.data.batch_size, model=cfg.model.name)
+    if warning:
+        log.warning(warning)
 
 
 def write_run_folder(request: RunRequest, splits: Splits, info: Any) -> None:

@@ -120,3 +120,4 @@ def test_gpu_campaign_dry_run(tmp_path):
         ("ips_b16_n900", "hrsel", "ok"), ("ips_b16_n900", "plain", "ok")]
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.json" for n in results] + ["campaign.log"])
     assert not list(tmp_path.glob("gpu_campaign.*"))  # the work folder is removed
+

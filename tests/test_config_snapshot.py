@@ -9,8 +9,9 @@ Keys renamed since (`hrsel.config.renames.RENAMED`: model.num_selected -> model.
 compared under their new names: the snapshot passes through the same `rename_keys` that
 `load_config` applies to every file, so a renamed key must carry the value it had.
 
-Values changed on purpose since, in the snapshot too: manifest_example's data.tissue (true) and
-data.val_fraction (0.2), the README's sizing advice (issue 24).
+Values changed on purpose since, in the snapshot too: manifest_example's data.tissue (true),
+data.val_fraction (0.2), model.backbone_options.norm (group) and optim.clip_norm (1.0), the
+README's sizing advice for one slide per batch (issue 24).
 """
 from __future__ import annotations
 

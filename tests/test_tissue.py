@@ -168,6 +168,25 @@ def test_fractions_are_exact_against_brute_force():
                                          for x, y in corners], atol=1e-9)
 
 
+def test_patches_partly_under_ink_are_no_candidates_however_much_tissue_they_hold():
+    """A patch two-thirds tissue and one-third ink passes min_fraction 0.5 on its tissue alone; its ink
+    share (over max_ink_fraction, 0.1) rules it out. Ink fractions are exact like tissue fractions."""
+    tissue = np.zeros((40, 40), bool)
+    tissue[:, :30] = True
+    ink = np.zeros((40, 40), bool)
+    ink[:, 20:30] = True  # a vertical stroke over the right part of the tissue
+    tissue &= ~ink
+    with_ink = TissueMask(tissue, (160, 160), 0.5, ink=ink)
+    without = TissueMask(tissue, (160, 160), 0.5)
+    corners = np.array([[0, 0], [40, 0], [52, 0], [76, 0], [120, 0]], float)  # patches of 60 image pixels
+    np.testing.assert_allclose(with_ink.fractions(corners, 60), [1, 0.6667, 0.4667, 0.0667, 0], atol=1e-3)
+    np.testing.assert_allclose(with_ink.ink_fractions(corners, 60), [0, 0.3333, 0.5333, 0.6667, 0], atol=1e-3)
+    np.testing.assert_array_equal(without.candidates(corners, 60), [True, True, False, False, False])
+    np.testing.assert_array_equal(with_ink.candidates(corners, 60), [True, False, False, False, False])
+    assert without.ink_fractions(corners, 60).sum() == 0
+    assert TissueMask(tissue, (160, 160), ink=np.zeros_like(ink)).ink is None  # no ink seen: nothing to check
+
+
 def test_save_load_key_and_picture(tmp_path):
     thumb, _ = synthetic_thumbnail()
     source = ArraySource(np.repeat(np.repeat(thumb, 4, 0), 4, 1))
@@ -177,6 +196,8 @@ def test_save_load_key_and_picture(tmp_path):
     back = TissueMask.load(tmp_path / "m.npz", min_fraction=0.25, key="a")
     np.testing.assert_array_equal(back.mask, mask.mask)
     assert back.image_size == mask.image_size and back.min_fraction == 0.25
+    assert mask.ink is not None and mask.ink.any()  # the thumbnail's pen strokes
+    np.testing.assert_array_equal(back.ink, mask.ink)
     assert TissueMask.load(tmp_path / "m.npz", key="another image") is None
     assert TissueMask.load(tmp_path / "absent.npz") is None
     picture = mask.save_picture(thumb, tmp_path / "m.png", title="qc")

@@ -17,6 +17,7 @@ from torchvision.models.resnet import BasicBlock
 
 from hrsel.errors import ConfigError
 from hrsel.models import timm_backbone
+from hrsel.models.norms import NormChoice, check_norm, norm_layer
 from hrsel.models.weights import adapt_stem_weight, channel_stats, load_strict, read_state_dict
 from hrsel.registry import Registry
 
@@ -27,7 +28,7 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(NormChoice, nn.Module):
     """A torchvision ResNet up to `last_stage`, global-average pooled.
 
     Args:
@@ -39,17 +40,23 @@ class ResNetBackbone(nn.Module):
             strictly (the `fc` head may be absent); None = random init.
         imagenet_norm: normalise inputs with the ImageNet mean/std (use with ImageNet weights); for
             in_chans != 3: 1 channel takes the mean of the RGB values, N repeat R, G, B (`channel_stats`).
+        norm: batch | group | frozen (`hrsel.models.norms`): at data.batch_size 1, group from scratch,
+            frozen with weights_path; group cannot load BatchNorm weights.
     """
 
     def __init__(self, *, arch: str = "resnet18", in_chans: int = 3, last_stage: str = "layer4",
-                 weights_path: str | None = None, imagenet_norm: bool = False):
+                 weights_path: str | None = None, imagenet_norm: bool = False, norm: str = "batch"):
         super().__init__()
+        self.norm = check_norm(norm)
         makers = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
         if arch not in makers:
             raise ConfigError(f"backbone arch {arch!r} is unknown; valid: {', '.join(makers)}")
         if last_stage not in _STAGES:
             raise ConfigError(f"backbone last_stage {last_stage!r} is unknown; valid: {', '.join(_STAGES)}")
-        net = makers[arch](weights=None)
+        if weights_path is not None and norm == "group":
+            raise ConfigError(f"backbone {arch} with norm=group cannot load weights_path={weights_path}: its "
+                              f"BatchNorm statistics have no GroupNorm counterpart; use norm=frozen with weights")
+        net = makers[arch](weights=None, norm_layer=norm_layer(norm))
         if in_chans != 3:
             net.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
         if weights_path is not None:
@@ -75,7 +82,7 @@ class ResNetBackbone(nn.Module):
         return self.body(x).mean(dim=(2, 3))  # (n, D)
 
 
-class NarrowResNet(nn.Module):
+class NarrowResNet(NormChoice, nn.Module):
     """A ResNet18 layout (post-activation blocks) with `width` filters in every stage.
 
     Not the ATS/DPS traffic net (that is `ATSResNet`, "ats_resnet"): at width 32 this has
@@ -88,20 +95,24 @@ class NarrowResNet(nn.Module):
         blocks: basic blocks per stage.
         stem_stride: stride of the first 3x3 conv (1 in ATS; larger makes a cheap feature net).
         weights_path: a state dict of this same layout (e.g. from `hrsel.engine.warm_start`), loaded strictly.
+        norm: batch | group | frozen (`hrsel.models.norms`; group for data.batch_size 1 from scratch).
     """
 
     def __init__(self, *, in_chans: int = 3, width: int = 32, strides: tuple[int, ...] = (1, 2, 2, 2),
-                 blocks: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 1, weights_path: str | None = None):
+                 blocks: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 1, weights_path: str | None = None,
+                 norm: str = "batch"):
         super().__init__()
+        self.norm = check_norm(norm)
+        make_norm = norm_layer(norm)
         layers: list[nn.Module] = [nn.Conv2d(in_chans, width, 3, stem_stride, 1, bias=False),
-                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                                   make_norm(width), nn.ReLU(inplace=True)]
         for stride, count in zip(strides, blocks):
             for i in range(count):
                 s = stride if i == 0 else 1
                 down = None
                 if s != 1:
-                    down = nn.Sequential(nn.Conv2d(width, width, 1, s, bias=False), nn.BatchNorm2d(width))
-                layers.append(BasicBlock(width, width, s, down))
+                    down = nn.Sequential(nn.Conv2d(width, width, 1, s, bias=False), make_norm(width))
+                layers.append(BasicBlock(width, width, s, down, norm_layer=make_norm))
         self.body = nn.Sequential(*layers)
         self.out_dim = width
         self.in_chans = in_chans
