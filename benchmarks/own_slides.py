@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                       "top_patch_on_lesion": f"{sum(bool(r['top_on_lesion']) for r in tumours)}/{len(tumours)}",
                       "pen_normals_called_tumour": sum(r["pen"] and r["label"] == "normal" and r["predicted"] == "tumor"
                                                        for r in rows),
-                      "best": {key: summary.get(key) for key in ("best_epoch", "checkpoint") if key in summary},
+                      "weights": summary.get("weights"), "best": summary.get("best"),
+                      "warnings": summary.get("warnings", []),
                       "slides": rows}
             runs.append(result)
             print(f"seed {seed}: labels {result['label_accuracy']:.3f}, top patch on the lesion "

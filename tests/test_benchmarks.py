@@ -121,3 +121,14 @@ def test_gpu_campaign_dry_run(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.json" for n in results] + ["campaign.log"])
     assert not list(tmp_path.glob("gpu_campaign.*"))  # the work folder is removed
 
+
+
+def test_own_slides_dry_run(tmp_path):
+    out = tmp_path / "own.json"
+    printed = run("own_slides.py", "--dry-run", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    record = json.loads(out.read_text())
+    assert record["dry_run"] and record["size"] == 512 and record["machine"]["cpu_model"]
+    (seed,) = record["runs"]
+    assert len(seed["slides"]) == 4 and {s["split"] for s in seed["slides"]} == {"test"}
+    assert sum(s["top_on_lesion"] is not None for s in seed["slides"]) == 2  # the tumour slides are judged
+    assert seed["weights"].startswith("best.pt") and seed["train_s"] > 0 and "top patch on the lesion" in printed

@@ -122,3 +122,13 @@ def test_check_predictions_finds_the_rank_one_patch_and_judges_it_against_the_le
                   selected=[1], image_wh=(192, 64))
     assert top_patch(tmp_path / "a.geojson") == (64, 0, 64, 64)
     assert Lesion(96, 32, 30).covers(64, 0, 64, 64) and not Lesion(10, 10, 8).covers(64, 0, 64, 64)
+
+
+def test_make_slide_set_never_overwrites_a_set(tmp_path):
+    from hrsel.errors import DataError
+
+    root = make_slide_set(tmp_path / "set", n_train=2, n_val=0, n_test=0, size=256, seed=0)
+    before = (root / "slides.csv").read_bytes()
+    with pytest.raises(DataError, match="slides.csv exists.*overwrites nothing.*another folder"):
+        make_slide_set(root, n_train=4, n_val=0, n_test=0, size=256, seed=1)
+    assert (root / "slides.csv").read_bytes() == before

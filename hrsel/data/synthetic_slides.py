@@ -102,12 +102,8 @@ def _stamp_nuclei(rng: np.random.Generator, image: np.ndarray, where: np.ndarray
         return
     count = rng.poisson(density * len(xs))
     picks = rng.integers(0, len(xs), count)
-    size = image.shape[0]
     for x, y, r in zip(xs[picks], ys[picks], rng.uniform(*radius, count)):
-        n = int(np.ceil(r))
-        y0, y1, x0, x1 = max(0, y - n), min(size, y + n + 1), max(0, x - n), min(size, x + n + 1)
-        dy, dx = np.ogrid[y0 - y:y1 - y, x0 - x:x1 - x]
-        image[y0:y1, x0:x1][dx ** 2 + dy ** 2 <= r * r] = colour
+        _stamp_disk(image, int(x), int(y), float(r), colour)
 
 
 def _draw_stroke(rng: np.random.Generator, image: np.ndarray, colour: tuple[int, int, int], *, width: float) -> None:
@@ -116,14 +112,19 @@ def _draw_stroke(rng: np.random.Generator, image: np.ndarray, colour: tuple[int,
     p0, p1, p2 = rng.uniform(0.05, 0.95, (3, 2)) * size
     t = np.linspace(0, 1, int(size * 1.5))[:, None]
     points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2  # (n, 2) x, y
-    half = width / 2
-    n = int(np.ceil(half))
     for x, y in points.astype(int):
-        y0, y1, x0, x1 = max(0, y - n), min(size, y + n + 1), max(0, x - n), min(size, x + n + 1)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        dy, dx = np.ogrid[y0 - y:y1 - y, x0 - x:x1 - x]
-        image[y0:y1, x0:x1][dx ** 2 + dy ** 2 <= half * half] = colour
+        _stamp_disk(image, int(x), int(y), width / 2, colour)
+
+
+def _stamp_disk(image: np.ndarray, x: int, y: int, radius: float, colour: tuple[int, int, int]) -> None:
+    """Paint the disk of `radius` around pixel (x, y), clipped to the (H, W, 3) image."""
+    n = int(np.ceil(radius))
+    h, w = image.shape[:2]
+    y0, y1, x0, x1 = max(0, y - n), min(h, y + n + 1), max(0, x - n), min(w, x + n + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    dy, dx = np.ogrid[y0 - y:y1 - y, x0 - x:x1 - x]
+    image[y0:y1, x0:x1][dx ** 2 + dy ** 2 <= radius * radius] = colour
 
 
 @dataclass
@@ -142,11 +143,16 @@ def make_slide_set(root: str | Path, *, n_train: int = 16, n_val: int = 4, n_tes
     Half of each split is `tumor` (a lesion of radius `lesion_um` micrometres), half `normal`;
     `pen_fraction` of each class carries pen strokes. `size`: level-0 pixels per side, at `mpp`
     microns per pixel; `levels` halvings are stored, so a run at `data.target_mpp` of 2 x mpp reads
-    level 1. Deterministic for a seed.
+    level 1. Deterministic for a seed. A folder that already holds a slides.csv is a DataError:
+    nothing is overwritten.
     """
+    from hrsel.errors import DataError
     from hrsel.io.writer import write_pyramid
 
     root = Path(root)
+    if (root / "slides.csv").exists():
+        raise DataError(f"{root / 'slides.csv'} exists: make_slide_set writes a new set and overwrites nothing; "
+                        f"give another folder, or delete {root} to make the set again")
     (root / "slides").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows: list[SlideRow] = []
