@@ -127,8 +127,37 @@ def test_own_slides_dry_run(tmp_path):
     out = tmp_path / "own.json"
     printed = run("own_slides.py", "--dry-run", "--workdir", str(tmp_path / "work"), "--json", str(out))
     record = json.loads(out.read_text())
-    assert record["dry_run"] and record["size"] == 512 and record["machine"]["cpu_model"]
+    assert record["dry_run"] and record["size"] == 512 and record["patch_size"] == 32 and record["machine"]["cpu_model"]
     (seed,) = record["runs"]
     assert len(seed["slides"]) == 4 and {s["split"] for s in seed["slides"]} == {"test"}
     assert sum(s["top_on_lesion"] is not None for s in seed["slides"]) == 2  # the tumour slides are judged
     assert seed["weights"].startswith("best.pt") and seed["train_s"] > 0 and "top patch on the lesion" in printed
+
+
+
+def test_ips_probe_dry_run(tmp_path):
+    out = tmp_path / "probe.json"
+    out.write_text(json.dumps({"earlier": {"relapse": None}}))  # probes accumulate by label
+    printed = run("ips_probe.py", "--dry-run", "--label", "tiny", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert set(record) == {"earlier", "tiny"} and "tiny: " in printed
+    probe = record["tiny"]
+    assert probe["dry_run"] and probe["machine"]["cpu_model"] and probe["probe_images"] == 8
+    assert [p["step"] for p in probe["curve"]] == [0, 3, 6]
+    for point in probe["curve"]:
+        assert all(0.0 <= point[k] <= 1.0 for k in ("inked", "digit", "top_rows", "position_r2"))
+        assert 0.0 < point["spread"] <= 1.0
+    assert 0.0 < probe["random"]["digit"] <= probe["random"]["inked"] <= 1.0  # a digit box holds ink
+
+
+def test_ips_probe_relapse_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ips_probe", REPO / "benchmarks" / "ips_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    point = lambda step, inked, top: {"step": step, "inked": inked, "top_rows": top}  # noqa: E731
+    assert probe.relapsed([point(100, 0.9, 0.1), point(200, 0.7, 0.1)]) is None
+    assert "2/3 of its peak" in probe.relapsed([point(100, 0.9, 0.1), point(200, 0.5, 0.1)])
+    assert probe.relapsed([point(100, 0.2, 0.9), point(150, 0.2, 0.9)]) is None  # only after update 150
+    assert "top two rows" in probe.relapsed([point(175, 0.9, 0.31)])
