@@ -84,7 +84,8 @@ class ProbeSet:
         positions = np.asarray(dataset.labels["positions"][:b])  # (B, 5, 2) top-left (y, x)
         for i, boxes in enumerate(positions):
             for y, x in boxes:
-                digit[i, y // patch:min(rows, (y + 27) // patch + 1), x // patch:min(self.cols, (x + 27) // patch + 1)] = True
+                last_row, last_col = min(rows - 1, (y + 27) // patch), min(self.cols - 1, (x + 27) // patch)
+                digit[i, y // patch:last_row + 1, x // patch:last_col + 1] = True
         self.digit = torch.from_numpy(digit.reshape(b, -1))
 
     def measure(self, pipeline) -> dict[str, float]:
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                        "planned_updates": trainer.total_steps, "probe_images": a.images, "random": base,
                        "relapse": verdict, "curve": curve, "dry_run": a.dry_run, "machine": describe(),
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "command": "python benchmarks/ips_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": "python benchmarks/ips_probe.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:])}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(record, indent=1))
     print(f"wrote {a.json}")

@@ -91,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         made_s = time.perf_counter() - start
         tissue = tissue_patches(root, patch_level0=round(a.patch_size * TARGET_MPP / MPP))
         k = max(4, round(0.1 * tissue))
-        print(f"{sum(a.slides)} slides of {a.size}^2 in {made_s:.0f} s; {tissue:.0f} tissue patches of {a.patch_size} px per slide, K={k}")
+        print(f"{sum(a.slides)} slides of {a.size}^2 in {made_s:.0f} s; "
+              f"{tissue:.0f} tissue patches of {a.patch_size} px per slide, K={k}")
         runs = []
         for seed in a.seeds:
             out = work / f"seed{seed}"
-            overrides = [f"data.root={root}", *MODEL, f"model.patch_size={a.patch_size}", f"model.k={k}", f"train.epochs={a.epochs}", f"seed={seed}",
+            overrides = [f"data.root={root}", *MODEL, f"model.patch_size={a.patch_size}", f"model.k={k}",
+                         f"train.epochs={a.epochs}", f"seed={seed}",
                          "experiment=my_slides", f"--output-dir={out / 'runs'}", "--device=cpu", "--overwrite"]
             out.mkdir(parents=True, exist_ok=True)
             train_s = run(["hrsel.train", str(REPO / "configs/manifest_example.yaml"), *overrides], out,
