@@ -263,3 +263,34 @@ def yaml_data(run: Path) -> dict:
     import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())["data"]
+
+
+def test_a_top_patch_on_pen_ink_is_reported_and_warned_about(slides_run, tmp_path, caplog):
+    """Pen edges under the 10% ink veto stay candidates, and on synthetic slides they made pen-marked normal
+    slides tumour: predictions.csv gives the top patch's ink share (0 on clean slides) and the log warns."""
+    from hrsel.inference.predict import top_patch_ink
+    from hrsel.io.writer import write_pyramid
+    from hrsel.tiling.tissue import TissueMask
+
+    image = np.full((256, 256, 3), 235, np.uint8)
+    image[32:224, 32:224] = (150, 60, 140)  # tissue over every patch
+    for x in (48, 112, 176, 208):  # a 4-px black stroke through each 64-px patch column: 3-6% ink, under the veto
+        image[32:224, x:x + 4] = (25, 25, 28)
+    inked = tmp_path / "inked.tif"
+    write_pyramid(inked, image, levels=2, tile=128, mpp=0.25)
+    manifest = Path(yaml_data(slides_run)["root"]) / "slides.csv"
+    clean = manifest.parent / "slides" / "a.tif"
+    out = tmp_path / "preds"
+    assert predict_main([str(slides_run), str(inked), str(clean), "--out", str(out), "--no-pictures",
+                         "--no-progress"]) == 0
+    rows = {Path(row["path"]).name: row for row in _rows(out)}
+    assert 0.01 < float(rows["inked.tif"]["top_patch/ink"]) <= 0.1
+    assert float(rows["a.tif"]["top_patch/ink"]) == 0
+    assert "inked.tif: its top-ranked patch holds" in caplog.text and "a.tif: its top" not in caplog.text
+
+    mask = TissueMask(np.ones((4, 4), bool), (8, 8), ink=np.eye(4, dtype=bool))
+    coords = np.array([[0, 0], [4, 0]], float)
+    assert top_patch_ink(mask, coords, (4, 4), np.array([0.1, 0.9])) == 0  # the top patch (x 4-8, y 0-4)
+    assert top_patch_ink(mask, coords, (4, 4), np.array([0.9, np.nan])) == pytest.approx(0.5)
+    assert top_patch_ink(None, coords, (4, 4), np.array([0.1, 0.9])) is None
+    assert top_patch_ink(mask, coords, (4, 4), np.array([np.nan, -np.inf])) is None

@@ -181,7 +181,8 @@ def check_predictions(root: str | Path, predictions: str | Path) -> list[dict]:
     """One dict per slide `hrsel.predict` wrote into the folder `predictions` for this set: id, split,
     label, predicted, p_tumor, pen, the rank-1 patch of its GeoJSON (`top_patch`: x0, y0, width,
     height in level-0 pixels) and, for a tumour slide, whether that patch lies on the lesion
-    (`top_on_lesion`: the lesion covers at least a quarter of it)."""
+    (`top_on_lesion`: the lesion covers at least a quarter of it); `top_ink`: predict's pen-ink share of
+    that patch (None for a run without tissue masks)."""
     import csv
 
     root, predictions = Path(root), Path(predictions)
@@ -195,7 +196,8 @@ def check_predictions(root: str | Path, predictions: str | Path) -> list[dict]:
             out.append({"id": name, "split": row.get("split"), "label": row["label/true"],
                         "predicted": row["label/predicted"], "p_tumor": float(row["label/prob/tumor"]),
                         "pen": name in truth["pen"], "top_patch": top,
-                        "top_on_lesion": None if lesion is None else Lesion(**lesion).covers(*top)})
+                        "top_on_lesion": None if lesion is None else Lesion(**lesion).covers(*top),
+                        "top_ink": float(row["top_patch/ink"]) if row.get("top_patch/ink") else None})
     return out
 
 

@@ -51,6 +51,8 @@ from hrsel.models.bags import takes_feature_bags
 
 log = logging.getLogger(__name__)
 
+TOP_PATCH_INK = "top_patch/ink"  # predictions.csv: pen-ink share of the top-ranked patch (runs with data.tissue)
+
 __all__ = ["ImagePrediction", "PredictResult", "predict_image", "predict_sources", "probabilities", "output_stem"]
 
 SPLITS = ("train", "val", "test")
@@ -145,6 +147,8 @@ def _predict(model: Any, items: list[PredictInput], out_dir: Path, *, batch_size
                           split=any(item.split for item in items))
     _check_kinds(model, items)
     prepare = RunPreprocessing.of(model, tissue_folder=out_dir / TISSUE)
+    if prepare.tissue is not None:
+        columns.append(TOP_PATCH_INK)
     loader = DataLoader(_Inputs(items, prepare), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     result = PredictResult(out_dir=out_dir, rows=[], files={"geojson": [], "zarr": [], "picture": []})
@@ -340,6 +344,13 @@ def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path,
     name = entry["input"].path.name
     source, coords, patch, image_wh = _geometry(model, entry, out, j)
     scores = out.scores[j].float().cpu().numpy()[: len(coords)]
+    ink = top_patch_ink(entry.get("tissue"), coords, patch, scores)
+    if ink is not None:
+        row[TOP_PATCH_INK] = f"{ink:.4f}"
+        if ink > 0:
+            log.warning("%s: its top-ranked patch holds %.1f%% pen ink: a pen edge can drive a prediction (on "
+                        "synthetic slides, pen edges made pen-marked normal slides tumour); look at rank 1 of its "
+                        "GeoJSON before trusting %s", name, 100 * ink, _predicted_text(row, model.tasks))
     selected = np.array([], dtype=np.int64) if out.indices is None else out.indices[j].cpu().numpy()
     selected = selected[selected >= 0]
     f = float(getattr(source, "downsample", 1.0))  # a LevelView's pixels -> the slide's level-0 pixels
@@ -375,6 +386,20 @@ def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path,
             result.files["picture"].append(save_heatmap_picture(
                 picture, source, image_wh=image_wh, coords=coords, patch_size=patch, scores=scores,
                 selected=selected, title=title, gallery=gallery, color_scale=color_scale, show=show))
+
+
+def top_patch_ink(tissue: Any, coords: np.ndarray, patch: tuple[float, float], scores: np.ndarray) -> float | None:
+    """Share of the top-scoring patch covered by pen ink, by its tissue mask (in the pixels the pipeline read,
+    as `coords`); None without a mask, or without a finite score."""
+    finite = np.isfinite(scores)
+    if tissue is None or not finite.any():
+        return None
+    top = int(np.argmax(np.where(finite, scores, -np.inf)))
+    return float(tissue.ink_fractions(coords[top:top + 1], patch)[0])
+
+
+def _predicted_text(row: dict[str, Any], tasks: dict[str, Any]) -> str:
+    return ", ".join(f"{t}: {row.get(f'{t}/predicted') or '(none)'}" for t in tasks)
 
 
 def _blank_patches(source: Any, coords: np.ndarray, patch: tuple[float, float], image_wh: tuple[int, int],
