@@ -350,7 +350,7 @@ def _write_maps(model: Any, entry: dict[str, Any], out: Any, j: int, base: Path,
         if ink > 0:
             log.warning("%s: its top-ranked patch holds %.1f%% pen ink: a pen edge can drive a prediction (on "
                         "synthetic slides, pen edges made pen-marked normal slides tumour); look at rank 1 of its "
-                        "GeoJSON before trusting %s", name, 100 * ink, _predicted_text(row, model.tasks))
+                        "GeoJSON before trusting its prediction", name, 100 * ink)
     selected = np.array([], dtype=np.int64) if out.indices is None else out.indices[j].cpu().numpy()
     selected = selected[selected >= 0]
     f = float(getattr(source, "downsample", 1.0))  # a LevelView's pixels -> the slide's level-0 pixels
@@ -396,10 +396,6 @@ def top_patch_ink(tissue: Any, coords: np.ndarray, patch: tuple[float, float], s
         return None
     top = int(np.argmax(np.where(finite, scores, -np.inf)))
     return float(tissue.ink_fractions(coords[top:top + 1], patch)[0])
-
-
-def _predicted_text(row: dict[str, Any], tasks: dict[str, Any]) -> str:
-    return ", ".join(f"{t}: {row.get(f'{t}/predicted') or '(none)'}" for t in tasks)
 
 
 def _blank_patches(source: Any, coords: np.ndarray, patch: tuple[float, float], image_wh: tuple[int, int],
