@@ -16,6 +16,7 @@ MNIST (held out: never trained on) and records, over all their picks (B x M):
   that the patch index explains (variance of the per-position mean over the total);
 - `spread`: the encoder embeddings' spread across an image's patches, ||E - mean_n E|| / ||E|| over
   all N patches (1: no shared component; 0: every patch embedded alike);
+- `bn_var_min`: the encoder's smallest BatchNorm running variance (see `smallest_running_var`);
 - the random baseline of `inked` and `digit` (their share among all patches) once.
 
 A run relapses when, after update `RELAPSE_AFTER`, `inked` falls below two thirds of its peak so far
@@ -107,7 +108,20 @@ class ProbeSet:
                 "digit": self.digit.gather(1, picks).float().mean().item(),
                 "top_rows": (picks // self.cols < 2).float().mean().item(),
                 "position_r2": centred.mean(dim=0).var(unbiased=False).item() / total if total > 0 else 0.0,
-                "spread": spread}
+                "spread": spread, "bn_var_min": smallest_running_var(pipeline.classifier.backbone)}
+
+
+def smallest_running_var(encoder) -> float | None:
+    """The smallest BatchNorm running variance in the encoder (None: it has no BatchNorm).
+
+    The no-grad scoring pass runs the encoder in evaluation mode, on running statistics gathered
+    from the M selected patches only: when the picks are all blank canvas a layer's variance decays
+    towards 0 and the scoring pass multiplies ink by up to 1/sqrt(eps)."""
+    from torch import nn
+
+    values = [m.running_var.min().item() for m in encoder.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None]
+    return min(values) if values else None
 
 
 def embedding_spread(pipeline, images) -> float:

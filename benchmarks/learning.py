@@ -19,7 +19,8 @@ The JSON (`--json`, default benchmarks/results/local/learning_cpu.json) is keyed
 run one by one accumulate; a task run again replaces its entry. Per task: target, metric, budget,
 machine, date, `runs` (config, seed, command, status, minutes, rows [{step, epoch, minutes,
 train_minutes, val/... , ...}], test metrics from test_metrics.json), `summary` (mean +- std of
-the test metric over seeds, per config) and `met`. `--dry-run` runs the tasks at tiny size into a
+the test metric over seeds, per config) and `met`; the entry is written after every run (`"partial": true`
+until the task's last), so stopping a task keeps its finished runs. `--dry-run` runs the tasks at tiny size into a
 temporary folder (for tests); it never touches the configs' data folders.
 """
 from __future__ import annotations
@@ -426,16 +427,18 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> dict[str, dict[str, fl
 
 
 def machine() -> dict[str, Any]:
-    from importlib.metadata import version
+    """benchmarks/machine.py's record (CPU model, ISA flags, oneDNN cap, ...): the trainings ran on this CPU."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import describe
 
-    return {"cpu_count": os.cpu_count(), "torch": version("torch"), "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    return describe(processor=platform.processor() or platform.machine())
 
 
 def run_task(name: str, *, seeds: list[int] | None, minutes: float | None, time_limit: bool, runs_dir: Path,
              dry_run: bool, overwrite: bool, dry_root: Path | None = None, poll_s: float = POLL_S,
-             extra: tuple[str, ...] = ()) -> dict[str, Any]:
+             extra: tuple[str, ...] = (), save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every run of the task in turn; `save` gets the entry so far after each run (a stopped task keeps
+    its finished runs, with `"partial": true` until the last)."""
     task = TASKS[name]
     plans = plan_runs(name, task, seeds=seeds, runs_dir=runs_dir, dry_run=dry_run, dry_root=dry_root, extra=extra)
     busy = [str(p.run_dir) for p in plans if (p.run_dir / "metrics.csv").exists()]
@@ -460,17 +463,26 @@ def run_task(name: str, *, seeds: list[int] | None, minutes: float | None, time_
         print(f"[{name}] {plan.experiment}: {record['status']} after {record['minutes']:.1f} min, "
               f"{record['steps']} steps, test {task.metric} "
               + ("-" if value is None else f"{value:.4f}"), flush=True)
+        last = i == len(plans) - 1 or record["status"] == "interrupted"
+        conclude(entry, task, spent, partial=not last)
+        if save is not None:
+            save(entry)
         if record["status"] == "interrupted":
             break
+    return entry
+
+
+def conclude(entry: dict[str, Any], task: Task, spent: float, *, partial: bool) -> None:
+    """Summary, target and minutes of the runs in `entry` so far."""
     entry["summary"] = summarize(entry["runs"], task.metric)
-    entry["met"] = task.target.check(entry["summary"])
+    entry["met"] = None if partial else task.target.check(entry["summary"])
+    entry["partial"] = partial
     for record in entry["runs"]:  # a single-config task's target applies to each run
         value = record["test"].get(task.metric)
         record["target"] = task.target.text
         record["met"] = (None if value is None or task.target.line is None or len(task.configs) > 1
                          else value >= task.target.line)
     entry["minutes"] = round(spent, 2)
-    return entry
 
 
 def merge_json(path: Path, entry: dict[str, Any]) -> None:
@@ -606,10 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 entry = run_task(name, seeds=args.seeds, minutes=args.minutes, time_limit=args.time_limit,
                                  runs_dir=runs_dir, dry_run=args.dry_run, overwrite=args.overwrite or args.dry_run,
-                                 dry_root=Path(tmp) / "data", poll_s=args.poll, extra=tuple(args.set))
+                                 dry_root=Path(tmp) / "data", poll_s=args.poll, extra=tuple(args.set),
+                                 save=lambda e: merge_json(args.json, _clean(e)))
             except SystemExit as e:
                 return int(e.code or 2)
-            merge_json(args.json, _clean(entry))
             print(f"[{name}] target {entry['target']}: {({True: 'met', False: 'not met', None: 'open'})[entry['met']]}"
                   f"; {args.json}", flush=True)
             for stem, s in entry["summary"].items():

@@ -3,6 +3,7 @@
     python benchmarks/own_slides.py                                  # 48 slides of 4096^2, seed 0, 96-px patches
     python benchmarks/own_slides.py --patch-size 32                  # the acceptance test's patch (1/3 lesion)
     python benchmarks/own_slides.py --size 2048 --seeds 0 1 2 --json benchmarks/results/local/own.json
+    python benchmarks/own_slides.py --k 75                           # M from README rule 3 for a 2-patch lesion
     python benchmarks/own_slides.py --dry-run                        # 12 slides of 512^2, 2 epochs (seconds)
 
 The check of tests/test_own_slides_acceptance.py at a size nearer a slide's: `hrsel.data.synthetic_slides`
@@ -13,7 +14,7 @@ half of each class), then per seed, in subprocesses and one at a time:
 Recorded per seed: the test slides' labels and p(tumour), whether each tumour slide's rank-1 patch
 lies on its lesion, pen-marked normal slides called tumour, training and predict seconds, the
 tissue patches per slide and K. The overrides scale the model, not the method: a narrow ResNet
-(GroupNorm, as manifest_example's norm) and K = 10% of the mean tissue patches. The patch follows the
+(GroupNorm, as manifest_example's norm) and K = 10% of the mean tissue patches unless `--k` says. The patch follows the
 README's "Sizing resolution, patch and M": one lesion diameter at the target resolution (48 um = 96 px
 at 0.5 um/px) by default; `--patch-size 32` is the acceptance test's patch, a third of the lesion,
 which at 4096^2 makes N 9x larger and the lesion 0.7% of the tissue patches.
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patch-size", type=int, default=round(2 * LESION_UM / TARGET_MPP),
                    help="pixels at 0.5 um/px (default: one lesion diameter, 96)")
+    p.add_argument("--k", type=int, default=None,
+                   help="M, patches kept per slide (default: 10%% of the mean tissue patches, at least 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--workdir", type=Path, default=None, help="where slides and runs go (default: a temp folder)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                            lesion_um=LESION_UM, seed=0)
         made_s = time.perf_counter() - start
         tissue = tissue_patches(root, patch_level0=round(a.patch_size * TARGET_MPP / MPP))
-        k = max(4, round(0.1 * tissue))
+        k = a.k or max(4, round(0.1 * tissue))
         print(f"{sum(a.slides)} slides of {a.size}^2 in {made_s:.0f} s; "
               f"{tissue:.0f} tissue patches of {a.patch_size} px per slide, K={k}")
         runs = []

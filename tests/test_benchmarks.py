@@ -125,9 +125,12 @@ def test_gpu_campaign_dry_run(tmp_path):
 
 def test_own_slides_dry_run(tmp_path):
     out = tmp_path / "own.json"
-    printed = run("own_slides.py", "--dry-run", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    printed = run("own_slides.py", "--dry-run", "--k", "6", "--workdir", str(tmp_path / "work"), "--json", str(out))
     record = json.loads(out.read_text())
     assert record["dry_run"] and record["size"] == 512 and record["patch_size"] == 32 and record["machine"]["cpu_model"]
+    assert record["k"] == 6 and "K=6" in printed  # --k replaces 10% of the tissue patches ...
+    trained = (tmp_path / "work" / "seed0" / "runs" / "my_slides" / "config.yaml").read_text()
+    assert "\n  k: 6\n" in trained  # ... in the run the README's command trained
     (seed,) = record["runs"]
     assert len(seed["slides"]) == 4 and {s["split"] for s in seed["slides"]} == {"test"}
     assert sum(s["top_on_lesion"] is not None for s in seed["slides"]) == 2  # the tumour slides are judged
@@ -146,17 +149,39 @@ def test_ips_probe_dry_run(tmp_path):
     for point in probe["curve"]:
         assert all(0.0 <= point[k] <= 1.0 for k in ("inked", "digit", "top_rows", "position_r2"))
         assert 0.0 < point["spread"] <= 1.0
+        assert point["bn_var_min"] is None or point["bn_var_min"] >= 0.0
     assert 0.0 < probe["random"]["digit"] < 1.0 and 0.0 < probe["random"]["inked"] < 1.0  # both kinds of patch exist
 
 
-def test_ips_probe_relapse_rule():
+def load_probe():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ips_probe", REPO / "benchmarks" / "ips_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+def test_ips_probe_relapse_rule():
+    probe = load_probe()
     point = lambda step, inked, top: {"step": step, "inked": inked, "top_rows": top}  # noqa: E731
     assert probe.relapsed([point(100, 0.9, 0.1), point(200, 0.7, 0.1)]) is None
     assert "2/3 of its peak" in probe.relapsed([point(100, 0.9, 0.1), point(200, 0.5, 0.1)])
     assert probe.relapsed([point(100, 0.2, 0.9), point(150, 0.2, 0.9)]) is None  # only after update 150
     assert "top two rows" in probe.relapsed([point(175, 0.9, 0.31)])
+
+
+def test_ips_probe_sees_batchnorm_variance_collapse_on_blank_picks():
+    import torch
+
+    from hrsel.models.backbones import NarrowResNet
+
+    probe = load_probe()
+    encoder = NarrowResNet(in_chans=1, width=4, strides=(2,), blocks=(1,))
+    assert probe.smallest_running_var(encoder) == 1.0  # BatchNorm starts at variance 1
+    encoder.train()
+    with torch.no_grad():
+        for _ in range(60):  # trained on blank canvas only: the stem's conv output is 0, its variance too
+            encoder(torch.zeros(8, 1, 16, 16))
+    assert probe.smallest_running_var(encoder) < 0.9 ** 60 * 1.01
+    assert probe.smallest_running_var(NarrowResNet(in_chans=1, width=4, strides=(2,), blocks=(1,), norm="group")) is None

@@ -107,3 +107,18 @@ def test_validation_rows_of_a_manifest_are_named_as_such(tmp_path):
     with open(run / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
     assert report.metrics["label/accuracy"] == pytest.approx(float(last["val/label/accuracy"]))
+
+
+def test_chance_levels_are_what_a_model_blind_to_its_input_scores():
+    tasks = {"c": TaskSpec("multiclass", 3), "pair": TaskSpec("multiclass", 2), "b": TaskSpec("binary", 1),
+             "m": TaskSpec("multilabel", 4)}
+    targets = {"c": torch.tensor([0, 2, 2, 2, 1]), "pair": torch.tensor([1, 1, 0, 1, 1]),
+               "b": torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0]]), "m": torch.zeros(5, 4)}
+    chance = M.chance_levels(targets, tasks)
+    assert chance == {"c/accuracy": 0.6, "pair/accuracy": 0.8, "pair/auc": 0.5, "b/accuracy": 0.8, "b/auc": 0.5}
+    blind = {t: torch.zeros(5, max(spec.num_classes, 1)) for t, spec in tasks.items()}  # constant logits
+    blind["c"][:, 2] = blind["pair"][:, 1] = 1.0  # ... on the commonest class
+    blind["b"] -= 1.0
+    scored = M.all_metrics(blind, targets, tasks)
+    for key, value in chance.items():  # a constant predictor scores exactly the chance level
+        assert scored[key] == pytest.approx(value), key

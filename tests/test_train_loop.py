@@ -401,6 +401,7 @@ def _scripted_trainer(tmp_path, *, with_val: bool, val=(0.9, 0.5, 0.6), val_loss
             final = pictures == "test/"
             self.calls.append((dataset.name, self.state.epoch + 1, final, weights))
             value, loss = (0.0, 1.0) if final else script[dataset.name][self.state.epoch]
+            self.chance = {"c/accuracy": 0.5, "c/auc": 0.5}  # what Trainer.evaluate finds on 2 balanced classes
             return {"c/accuracy": value, "loss": loss}
 
     cfg = Config(device="cpu")
@@ -481,3 +482,22 @@ def test_small_validation_set_and_a_first_epoch_best_are_named_with_the_fix(tmp_
     with caplog.at_level("WARNING", logger="hrsel.engine.loop"):
         _, result = _scripted_trainer(tmp_path / "later", with_val=True, val=(0.5, 0.9, 0.6))
     assert result["warnings"] == [] and "first evaluated" not in caplog.text  # best.pt is epoch 2
+
+
+def test_a_best_pt_no_better_than_chance_is_named_as_untrained(tmp_path, caplog):
+    from hrsel.engine.loop import Trainer
+
+    with caplog.at_level("WARNING", logger="hrsel.engine.loop"):
+        _, result = _scripted_trainer(tmp_path, with_val=True, val=(0.5, 0.5, 0.5), val_loss=(0.7, 0.6, 0.65))
+    (warning,) = result["warnings"]  # best.pt is epoch 2 (tie broken on the loss): not a first-epoch warning
+    assert "val c/accuracy 0.5 is no better than always predicting the commonest class (0.5)" in warning
+    assert "has not learnt" in warning and "Sizing resolution, patch and M" in warning and warning in caplog.text
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["warnings"] == [warning]
+    _, result = _scripted_trainer(tmp_path / "learnt", with_val=True, val=(0.5, 0.75, 0.5))
+    assert result["warnings"] == []
+    trainer, _ = _scripted_trainer(tmp_path / "real", with_val=True, fit=False)
+    Trainer.evaluate(trainer, trainer.val_set)  # the real evaluation: chance from the validation targets
+    assert trainer.chance == {"c/accuracy": 0.5, "c/auc": 0.5}  # targets 0, 1, 0, 1
+    trainer.chance = {}
+    Trainer.evaluate(trainer, trainer.test_set)  # the test set does not decide what best.pt must beat
+    assert trainer.chance == {}

@@ -81,6 +81,7 @@ class Trainer:
         self.val_set = _limit(val_set, cfg.data.limit_eval)  # None: select on the test set (data.val_split=none)
         self.test_set = _limit(test_set, cfg.data.limit_eval)
         self.selection = "test" if val_set is None else "val"  # the set best.pt is selected on
+        self.chance: dict[str, float] = {}  # the selection set's chance levels (metrics.chance_levels)
         self.collate = collate_fn or _default_collate()
         self.optimizer = build_optimizer(self.module, name=cfg.optim.name, lr=cfg.optim.lr,
                                          weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
@@ -274,6 +275,8 @@ class Trainer:
                                         {t: torch.cat(v) for t, v in targets.items()}), self.info)
         all_logits = {t: torch.cat([g[0][t] for g in gathered]) for t in self.tasks}
         all_targets = {t: torch.cat([g[1][t] for g in gathered]) for t in self.tasks}
+        if dataset is (self.test_set if self.val_set is None else self.val_set):
+            self.chance = M.chance_levels(all_targets, self.tasks)  # what best.pt must beat to have learnt
         result = M.all_metrics(all_logits, all_targets, self.tasks)
         result["loss"] = M.multitask_loss(all_logits, all_targets, self.tasks,
                                           task_weights=self.cfg.train.task_weights)[0].item()
@@ -462,14 +465,16 @@ class Trainer:
         if self.state.best is None:
             return []
         first = min(self.cfg.train.eval_every, self.cfg.train.epochs)
-        warning = selection.first_epoch_warning(best_epoch=self.state.best_epoch, first_epoch=first,
-                                                last_epoch=self.state.epoch, set_name=self.selection,
-                                                metric=self.state.best_metric, value=self.state.best)
-        if warning is None:
-            return []
+        warnings = [selection.first_epoch_warning(best_epoch=self.state.best_epoch, first_epoch=first,
+                                                  last_epoch=self.state.epoch, set_name=self.selection,
+                                                  metric=self.state.best_metric, value=self.state.best),
+                    selection.chance_warning(value=self.state.best, chance=self.chance.get(self.state.best_metric),
+                                             set_name=self.selection, metric=self.state.best_metric)]
+        warnings = [w for w in warnings if w is not None]
         if self.info.is_main:
-            log.warning(warning)
-        return [warning]
+            for warning in warnings:
+                log.warning(warning)
+        return warnings
 
     def _unfit_for_best(self, key: str, value: float) -> bool:
         """A model whose last batches were skipped for a non-finite loss, or that holds nan/inf, is no best.pt."""

@@ -119,6 +119,25 @@ def task_metrics(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> 
     return {"accuracy": ((scores > 0) == (target > 0.5)).float().mean().item(), "auc": auc(scores, target)}
 
 
+def chance_levels(targets: dict[str, torch.Tensor], tasks: dict[str, TaskSpec]) -> dict[str, float]:
+    """{"task/metric": value} that a model blind to its input reaches on these targets: the commonest
+    class's share for accuracy, 0.5 for AUC. Multilabel tasks have none here."""
+    out = {}
+    for name, spec in tasks.items():
+        target = targets[name].reshape(-1) if spec.kind != "multiclass" else targets[name].long()
+        if spec.kind == "multilabel" or target.numel() == 0:
+            continue
+        if spec.kind == "multiclass":
+            share = torch.bincount(target, minlength=spec.num_classes).max().item() / target.numel()
+        else:
+            positive = (target > 0.5).double().mean().item()
+            share = max(positive, 1.0 - positive)
+        out[f"{name}/accuracy"] = share
+        if spec.kind == "binary" or spec.num_classes == 2:
+            out[f"{name}/auc"] = 0.5
+    return out
+
+
 def all_metrics(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
                 tasks: dict[str, TaskSpec]) -> dict[str, float]:
     """{"task/metric": value} over every task."""
