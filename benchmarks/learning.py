@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import describe  # noqa: E402
+
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "local" / "learning_cpu.json"
 DRY_JSON = REPO / "benchmarks" / "results" / "local" / "learning_dry.json"  # --dry-run never mixes into the record
 POLL_S = 2.0  # seconds between reads of metrics.csv
@@ -428,9 +431,6 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> dict[str, dict[str, fl
 
 def machine() -> dict[str, Any]:
     """benchmarks/machine.py's record (CPU model, ISA flags, oneDNN cap, ...): the trainings ran on this CPU."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from machine import describe
-
     return describe(processor=platform.processor() or platform.machine())
 
 

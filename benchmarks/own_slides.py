@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--dry-run", action="store_true", help="12 slides of 512^2, 2 epochs")
     a = p.parse_args(argv)
+    if a.k is not None and a.k < 1:
+        p.error(f"--k {a.k}: M must be at least 1 patch per slide")
     if a.dry_run:
         a.size, a.slides, a.epochs, a.patch_size = 512, (4, 4, 4), 2, 32
     from hrsel.data.synthetic_slides import check_predictions, make_slide_set
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                            lesion_um=LESION_UM, seed=0)
         made_s = time.perf_counter() - start
         tissue = tissue_patches(root, patch_level0=round(a.patch_size * TARGET_MPP / MPP))
-        k = a.k or max(4, round(0.1 * tissue))
+        k = a.k if a.k is not None else max(4, round(0.1 * tissue))
         print(f"{sum(a.slides)} slides of {a.size}^2 in {made_s:.0f} s; "
               f"{tissue:.0f} tissue patches of {a.patch_size} px per slide, K={k}")
         runs = []

@@ -137,6 +137,13 @@ def test_own_slides_dry_run(tmp_path):
     assert seed["weights"].startswith("best.pt") and seed["train_s"] > 0 and "top patch on the lesion" in printed
 
 
+def test_own_slides_refuses_a_k_below_one(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "own_slides.py"), "--k", "0", "--workdir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "--k 0: M must be at least 1" in done.stderr
+    assert not list(tmp_path.iterdir())  # refused before any slide is written
+
+
 def test_ips_probe_dry_run(tmp_path):
     out = tmp_path / "probe.json"
     out.write_text(json.dumps({"earlier": {"relapse": None}}))  # probes accumulate by label
