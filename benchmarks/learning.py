@@ -3,6 +3,7 @@
     python benchmarks/learning.py --task mnist-s-ips                       # one task, its seeds, its time budget
     python benchmarks/learning.py --task billiard-s --minutes 100 --runs-dir runs/learning
     python benchmarks/learning.py --task sigma-ablation --seeds 0 1 2
+    python benchmarks/learning.py --task mnist-s-ips --seeds 1 --add                # one more seed into its entry
     python benchmarks/learning.py --plot                                   # PNG of every task in the JSON
     python benchmarks/learning.py --task mnist-s-ips --dry-run --json /tmp/l.json   # tiny data, seconds
 
@@ -16,10 +17,13 @@ the run's minutes); the record says `"status": "time_limit"`. Data sets are buil
 starts (Megapixel MNIST by its generator, billiard by `hrsel.data.billiard_gen`).
 
 The JSON (`--json`, default benchmarks/results/local/learning_cpu.json) is keyed by task, so tasks
-run one by one accumulate; a task run again replaces its entry. Per task: target, metric, budget,
+run one by one accumulate; a task run again replaces its entry, unless `--add`: then the entry keeps its
+recorded runs of the other seeds made with the same resolved config (`config_digest`), so that a task's
+seeds can be trained in separate sittings (a seed run again replaces its run). Per task: target, metric, budget,
 machine, date, `runs` (config, seed, command, status, minutes, rows [{step, epoch, minutes,
 train_minutes, val/... , ...}], test metrics from test_metrics.json), `summary` (mean +- std of
-the test metric over seeds, per config) and `met`; the entry is written after every run (`"partial": true`
+the test metric over seeds, per config) and `met` (None until every config has as many seeds as the
+task's own); the entry is written after every run (`"partial": true`
 until the task's last), so stopping a task keeps its finished runs. `--dry-run` runs the tasks at tiny size into a
 temporary folder (for tests); it never touches the configs' data folders.
 """
@@ -107,7 +111,7 @@ class Task:
     target: Target
     metric: str  # task/metric, as in metrics.csv (val/<metric>) and test_metrics.json
     seeds: tuple[int, ...] = (0,)
-    minutes: float = 120.0  # budget of the whole task, shared by its runs
+    minutes: float = 120.0  # budget of the task's runs (configs x seeds), shared; --seeds pays its share
     overrides: tuple[str, ...] = ()  # added to every run
     data: dict[str, Any] = field(default_factory=dict)  # billiard: BilliardParameters to generate the data with
     note: str = ""
@@ -120,7 +124,7 @@ WARM_MNIST_S = "data/warm_start/mnist_s_narrow_resnet16_patch50.pt"  # hrsel.eng
 WARM_BILLIARD_S = "data/warm_start/billiard_s_narrow_resnet32_patch50.pt"
 BILLIARD_S = {"size": 500, "n_train": 4000, "n_valid": 500, "n_test": 1000}
 TASKS: dict[str, Task] = {
-    "mnist-s-ips": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy",
+    "mnist-s-ips": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy", seeds=(0, 1, 2), minutes=360.0,
                         note="IPS, Megapixel MNIST 500x500, N = 100, M = 10; max/top/multi-exact reported"),
     "mnist-s-ips-warm": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy",
                              overrides=(f"{WARM_KEY}={WARM_MNIST_S}",), suffix="_warm",
@@ -232,6 +236,21 @@ def plan_runs(name: str, task: Task, *, seeds: list[int] | None, runs_dir: Path,
             plans.append(RunPlan(name, config, seed, overrides, runs_dir / f"{config}{task.suffix}_s{seed}", billiard,
                                  warm_steps=DRY_WARM_STEPS if dry_run else task.warm_steps))
     return plans
+
+
+def config_digest(plan: RunPlan) -> str:
+    """12 hex digits of the run's resolved config without its seed and run folder: the seeds of one recipe
+    share it, and `--add` keeps only runs that have it."""
+    import hashlib
+
+    from hrsel.config import load_config
+    from hrsel.config.schema import to_dict
+
+    resolved = to_dict(load_config(REPO / "configs" / f"{plan.config}.yaml", plan.overrides))
+    for key in ("seed", "experiment", "output_dir"):
+        resolved.pop(key, None)
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def prepare_data(plan: RunPlan) -> str:
@@ -351,6 +370,7 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
     plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = plan.run_dir.parent / f"{plan.experiment}.log"
     record: dict[str, Any] = {"config": f"configs/{plan.config}.yaml", "seed": plan.seed,
+                              "config_digest": config_digest(plan),
                               "command": _in_repo(" ".join(["python"] + command[1:])),
                               "run_dir": _in_repo(str(plan.run_dir)), "log": _in_repo(str(log_path)),
                               "date": _now(), "data": _in_repo(prepare_data(plan)),
@@ -436,22 +456,28 @@ def machine() -> dict[str, Any]:
 
 def run_task(name: str, *, seeds: list[int] | None, minutes: float | None, time_limit: bool, runs_dir: Path,
              dry_run: bool, overwrite: bool, dry_root: Path | None = None, poll_s: float = POLL_S,
-             extra: tuple[str, ...] = (), save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             extra: tuple[str, ...] = (), save: Callable[[dict[str, Any]], None] | None = None,
+             earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every run of the task in turn; `save` gets the entry so far after each run (a stopped task keeps
-    its finished runs, with `"partial": true` until the last)."""
+    its finished runs, with `"partial": true` until the last). `earlier`: the task's recorded entry, whose
+    runs of other seeds with the same config digest are kept (`--add`)."""
     task = TASKS[name]
     plans = plan_runs(name, task, seeds=seeds, runs_dir=runs_dir, dry_run=dry_run, dry_root=dry_root, extra=extra)
+    kept = kept_runs(earlier, plans)
     busy = [str(p.run_dir) for p in plans if (p.run_dir / "metrics.csv").exists()]
     if busy and not overwrite:
         raise SystemExit(_user_error(f"run folders already hold runs: {', '.join(busy)}; pass --overwrite (the "
                                      f"trainer moves them to <folder>.replaced-<time>) or choose --runs-dir"))
-    budget = task.minutes if minutes is None else minutes
+    budget = budget_share(task, len(plans)) if minutes is None else minutes
     entry = {"task": name, "note": task.note, "configs": [f"configs/{c}.yaml" for c in task.configs],
              "metric": task.metric, "target": task.target.text, "seeds": sorted({p.seed for p in plans}),
              "budget_minutes": budget if time_limit else None, "dry_run": dry_run, "extra_overrides": list(extra),
              "machine": machine(),
-             "date": _now(), "runs": []}
-    spent = 0.0
+             "date": _now(), "runs": kept}
+    if kept:
+        entry["seeds"] = sorted({r["seed"] for r in kept} | set(entry["seeds"]))
+        entry["added_to"] = earlier.get("date")
+    spent, spent_before = 0.0, sum(r["minutes"] for r in kept)  # the budget is this sitting's
     for i, plan in enumerate(plans):
         limit = (budget - spent) / (len(plans) - i) if time_limit else None  # what is left, shared by the runs to go
         print(f"[{name}] {plan.experiment}: seed {plan.seed}"
@@ -464,7 +490,7 @@ def run_task(name: str, *, seeds: list[int] | None, minutes: float | None, time_
               f"{record['steps']} steps, test {task.metric} "
               + ("-" if value is None else f"{value:.4f}"), flush=True)
         last = i == len(plans) - 1 or record["status"] == "interrupted"
-        conclude(entry, task, spent, partial=not last)
+        conclude(entry, task, spent_before + spent, partial=not last, seeds_needed=1 if dry_run else len(task.seeds))
         if save is not None:
             save(entry)
         if record["status"] == "interrupted":
@@ -472,10 +498,30 @@ def run_task(name: str, *, seeds: list[int] | None, minutes: float | None, time_
     return entry
 
 
-def conclude(entry: dict[str, Any], task: Task, spent: float, *, partial: bool) -> None:
-    """Summary, target and minutes of the runs in `entry` so far."""
+def budget_share(task: Task, runs: int) -> float:
+    """Minutes for `runs` of the task's runs: its budget over its configs x seeds, so that --seeds pays its share."""
+    return task.minutes * runs / (len(task.configs) * len(task.seeds))
+
+
+def kept_runs(earlier: dict[str, Any] | None, plans: list[RunPlan]) -> list[dict[str, Any]]:
+    """The runs of `earlier` made with a planned config's digest whose seed is not planned again."""
+    if not earlier:
+        return []
+    digests = {f"configs/{p.config}.yaml": config_digest(p) for p in plans}
+    planned = {(f"configs/{p.config}.yaml", p.seed) for p in plans}
+    kept = [dict(r) for r in earlier.get("runs", []) if r.get("config_digest") == digests.get(r["config"])
+            and (r["config"], r["seed"]) not in planned]
+    for r in kept:  # made in another sitting, perhaps on another CPU
+        r.setdefault("machine", earlier.get("machine"))
+    return kept
+
+
+def conclude(entry: dict[str, Any], task: Task, spent: float, *, partial: bool, seeds_needed: int = 1) -> None:
+    """Summary, target and minutes of the runs in `entry` so far; the target is open (None) while a config
+    has fewer than `seeds_needed` seeds with a test value (the task's own count, 1 in a dry run)."""
     entry["summary"] = summarize(entry["runs"], task.metric)
-    entry["met"] = None if partial else task.target.check(entry["summary"])
+    enough = all(entry["summary"].get(c, {}).get("n", 0) >= seeds_needed for c in task.configs)
+    entry["met"] = None if partial or not enough else task.target.check(entry["summary"])
     entry["partial"] = partial
     for record in entry["runs"]:  # a single-config task's target applies to each run
         value = record["test"].get(task.metric)
@@ -483,6 +529,11 @@ def conclude(entry: dict[str, Any], task: Task, spent: float, *, partial: bool) 
         record["met"] = (None if value is None or task.target.line is None or len(task.configs) > 1
                          else value >= task.target.line)
     entry["minutes"] = round(spent, 2)
+
+
+def recorded(path: Path, task: str) -> dict[str, Any] | None:
+    """The task's entry in the JSON at `path`, if any."""
+    return json.loads(path.read_text()).get(task) if path.is_file() else None
 
 
 def merge_json(path: Path, entry: dict[str, Any]) -> None:
@@ -578,7 +629,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds (default: the task's; --dry-run: its first)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="time budget of each task, shared by its runs (default: the task's, 120)")
+                   help="time budget of each task, shared by its runs (default: the task's share for the runs "
+                        "asked for; mnist-s-ips: 120 per seed, the others 120 for all their runs)")
     p.add_argument("--time-limit", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a run with SIGINT when its share of the budget is spent (default on)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/learning"), help="parent of the run folders")
@@ -591,6 +643,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="overrides added to every run of the task(s), after the task's own (e.g. optim.lr=3e-3)")
     p.add_argument("--dry-run", action="store_true", help="tiny data in a temporary folder, 2 epochs: a smoke test")
     p.add_argument("--overwrite", action="store_true", help="start over in run folders that hold runs")
+    p.add_argument("--add", action="store_true",
+                   help="keep the task's recorded runs of other seeds made with the same resolved config")
     p.add_argument("--poll", type=float, default=POLL_S, help="seconds between reads of metrics.csv")
     return p.parse_args(argv)
 
@@ -619,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry = run_task(name, seeds=args.seeds, minutes=args.minutes, time_limit=args.time_limit,
                                  runs_dir=runs_dir, dry_run=args.dry_run, overwrite=args.overwrite or args.dry_run,
                                  dry_root=Path(tmp) / "data", poll_s=args.poll, extra=tuple(args.set),
-                                 save=lambda e: merge_json(args.json, _clean(e)))
+                                 save=lambda e: merge_json(args.json, _clean(e)),
+                                 earlier=recorded(args.json, name) if args.add else None)
             except SystemExit as e:
                 return int(e.code or 2)
             print(f"[{name}] target {entry['target']}: {({True: 'met', False: 'not met', None: 'open'})[entry['met']]}"

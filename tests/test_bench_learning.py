@@ -125,7 +125,7 @@ def test_every_task_config_exists_and_bad_arguments_exit_2(tmp_path, capsys):
     for name, task in learning.TASKS.items():
         for config in task.configs:
             assert (REPO / "configs" / f"{config}.yaml").is_file(), (name, config)
-        assert task.metric and task.minutes <= 120
+        assert task.metric and task.minutes / (len(task.configs) * len(task.seeds)) <= 120  # per run
     assert learning.TASKS["sigma-ablation"].seeds == (0, 1, 2)
     assert learning.main(["--task", "no-such-task"]) == 2
     assert "no-such-task" in capsys.readouterr().err
@@ -194,3 +194,37 @@ def test_a_task_is_saved_after_every_run_so_a_stopped_task_keeps_its_seeds(tmp_p
     assert [e["partial"] for e in saved] == [True, True, False]
     assert [e["met"] for e in saved] == [None, None, False]  # mean 0.7 < 0.9, judged only when all ran
     assert saved[1]["summary"]["mnist_s_ips"]["values"] == [0.5, 0.7] and saved[1]["minutes"] == 4.0
+
+
+def test_add_keeps_other_seeds_of_the_same_recipe_only(tmp_path):
+    # --add: a task's seeds trained in separate sittings land in one entry; a changed recipe does not mix in
+    task = learning.TASKS["mnist-s-ips"]
+    plan = lambda seeds, extra=(): learning.plan_runs("mnist-s-ips", task, seeds=seeds, runs_dir=tmp_path,
+                                                       dry_run=True, dry_root=tmp_path, extra=extra)
+    (seed0,), (seed1,) = plan([0]), plan([1])
+    digest = learning.config_digest(seed0)
+    assert digest == learning.config_digest(seed1)  # the seed is not part of the recipe
+    assert digest != learning.config_digest(plan([0], ("optim.lr=0.003",))[0])
+
+    def run(seed, digest, minutes=10.0, value=0.5):
+        return {"config": "configs/mnist_s_ips.yaml", "seed": seed, "config_digest": digest, "minutes": minutes,
+                "test": {"majority/accuracy": value}}
+
+    earlier = {"date": "then", "machine": {"cpu_model": "elsewhere"},
+               "runs": [run(0, digest), run(1, digest), run(2, "0" * 12)]}
+    kept = learning.kept_runs(earlier, [seed1])
+    assert [r["seed"] for r in kept] == [0]  # seed 1 is run again; seed 2 was another recipe
+    assert kept[0]["machine"] == {"cpu_model": "elsewhere"} and "machine" not in earlier["runs"][0]
+    assert learning.kept_runs(None, [seed1]) == []
+    assert learning.budget_share(task, 1) == 120.0 and learning.budget_share(task, 3) == 360.0  # 120 per seed
+    assert learning.budget_share(learning.TASKS["billiard-s"], 4) == 120.0  # 4 configs share 120
+
+    entry = {"runs": [run(0, digest, value=0.95), run(1, digest, value=0.93)]}
+    learning.conclude(entry, task, 20.0, partial=False, seeds_needed=3)
+    assert entry["met"] is None and entry["summary"]["mnist_s_ips"]["n"] == 2  # 2 of the task's 3 seeds: open
+    entry["runs"].append(run(2, digest, value=0.91))
+    learning.conclude(entry, task, 30.0, partial=False, seeds_needed=3)
+    assert entry["met"] is True and entry["minutes"] == 30.0
+    entry["runs"][2]["test"]["majority/accuracy"] = 0.5
+    learning.conclude(entry, task, 30.0, partial=False, seeds_needed=3)
+    assert entry["met"] is False
