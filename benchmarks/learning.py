@@ -402,7 +402,7 @@ def run_one(plan: RunPlan, *, limit_minutes: float | None, overwrite: bool, poll
                   steps=rows[-1]["step"] if rows else 0)
     if status == "finished" and child.returncode != 0:
         record["status"] = "failed"
-        record["error"] = _tail(log_path)
+        record["error"] = _in_repo(_tail(log_path))  # the record is committed: no checkout paths
     record.update(test_metrics(plan.run_dir, log_path, scored_by_trainer=record["status"] == "finished"))
     return record
 
@@ -421,7 +421,7 @@ def test_metrics(run_dir: Path, log_path: Path, *, scored_by_trainer: bool) -> d
                                 "--checkpoint", "best"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     out = run_dir / "eval_test_best.json"
     if code != 0 or not out.is_file():
-        return {"test": {}, "test_source": f"hrsel.evaluate failed (exit {code}); see {log_path}"}
+        return {"test": {}, "test_source": f"hrsel.evaluate failed (exit {code}); see {_in_repo(str(log_path))}"}
     data = json.loads(out.read_text())
     return {"test": data.get("metrics", {}), "best": {"step": data.get("checkpoint_step"),
                                                         "epoch": data.get("checkpoint_epoch")},
