@@ -509,10 +509,19 @@ def kept_runs(earlier: dict[str, Any] | None, plans: list[RunPlan]) -> list[dict
         return []
     digests = {f"configs/{p.config}.yaml": config_digest(p) for p in plans}
     planned = {(f"configs/{p.config}.yaml", p.seed) for p in plans}
-    kept = [dict(r) for r in earlier.get("runs", []) if r.get("config_digest") == digests.get(r["config"])
-            and (r["config"], r["seed"]) not in planned]
+    kept, dropped = [], []
+    for r in earlier.get("runs", []):
+        if (r["config"], r["seed"]) in planned:
+            continue  # run again: its new run replaces it
+        same = r.get("config_digest") == digests.get(r["config"])
+        (kept if same else dropped).append(dict(r))
     for r in kept:  # made in another sitting, perhaps on another CPU
         r.setdefault("machine", earlier.get("machine"))
+    if dropped:  # a recipe changed since (config file, overrides or a new config key's default): say so
+        print(f"--add: not keeping {len(dropped)} recorded run(s) made with another resolved config: "
+              + ", ".join(f"{Path(r['config']).stem} seed {r['seed']} (digest {r.get('config_digest') or 'none'}, "
+                          f"now {digests.get(r['config'], 'not planned')})" for r in dropped)
+              + "; rerun their seeds with this config to include them", flush=True)
     return kept
 
 

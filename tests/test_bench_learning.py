@@ -196,7 +196,7 @@ def test_a_task_is_saved_after_every_run_so_a_stopped_task_keeps_its_seeds(tmp_p
     assert saved[1]["summary"]["mnist_s_ips"]["values"] == [0.5, 0.7] and saved[1]["minutes"] == 4.0
 
 
-def test_add_keeps_other_seeds_of_the_same_recipe_only(tmp_path):
+def test_add_keeps_other_seeds_of_the_same_recipe_only(tmp_path, capsys):
     # --add: a task's seeds trained in separate sittings land in one entry; a changed recipe does not mix in
     task = learning.TASKS["mnist-s-ips"]
     plan = lambda seeds, extra=(): learning.plan_runs("mnist-s-ips", task, seeds=seeds, runs_dir=tmp_path,
@@ -214,6 +214,7 @@ def test_add_keeps_other_seeds_of_the_same_recipe_only(tmp_path):
                "runs": [run(0, digest), run(1, digest), run(2, "0" * 12)]}
     kept = learning.kept_runs(earlier, [seed1])
     assert [r["seed"] for r in kept] == [0]  # seed 1 is run again; seed 2 was another recipe
+    assert "not keeping 1 recorded run(s)" in capsys.readouterr().out  # the dropped seed 2 is named
     assert kept[0]["machine"] == {"cpu_model": "elsewhere"} and "machine" not in earlier["runs"][0]
     assert learning.kept_runs(None, [seed1]) == []
     assert learning.budget_share(task, 1) == 120.0 and learning.budget_share(task, 3) == 360.0  # 120 per seed
