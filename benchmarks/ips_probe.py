@@ -41,7 +41,7 @@ from machine import describe  # noqa: E402
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "local" / "ips_probe_cpu.json"
 RELAPSE_AFTER = 150  # updates: the shipped config's learning rate peaks at 169
 DRY = ["data.generate.n_train=64", "data.generate.n_test=16", "data.generate.width=200", "data.generate.height=200",
-       "data.eval_batch_size=8", "model.num_positions=16"]  # a 4 x 4 grid
+       "data.eval_batch_size=8", "model.num_positions=16", "model.k=8"]  # a 4 x 4 grid
 
 
 def build_trainer(config: str, overrides: list[str], run_dir: Path):

@@ -171,10 +171,17 @@ DRY_WARM_STEPS = 3
 DRY_MODEL = {"num_samples": 20}  # model option -> value, where the config has the option
 
 
-def dry_positions(cfg) -> list[str]:
-    """model.num_positions for the DRY_SIDE image: the scorer's cells (DPS, ATS) or the patch grid."""
+def dry_grid(cfg) -> list[str]:
+    """model.num_positions for the DRY_SIDE image (the scorer's cells or the patch grid), and a model.k that fits it."""
     if not cfg.model.options.get("num_positions"):
         return []
+    cells = dry_cells(cfg)
+    k = cfg.model.options.get("k")
+    return [f"model.num_positions={cells}"] + ([f"model.k={cells // 2}"] if k is not None and k >= cells else [])
+
+
+def dry_cells(cfg) -> int:
+    """The scorer's cells (DPS, ATS) or the patch grid's cells of a DRY_SIDE image."""
     opts = cfg.model.options
     if cfg.model.name in ("dps", "ats"):
         import torch
@@ -188,7 +195,7 @@ def dry_positions(cfg) -> list[str]:
     else:
         stride = opts.get("stride") or opts["patch_size"]
         cells = ((DRY_SIDE - opts["patch_size"]) // stride + 1) ** 2
-    return [f"model.num_positions={cells}"]
+    return cells
 
 
 # ----------------------------------------------------------------------------- one run
@@ -227,7 +234,7 @@ def plan_runs(name: str, task: Task, *, seeds: list[int] | None, runs_dir: Path,
             root = dry_root / Path(cfg.data.root).name
             overrides += [f"data.root={root}", *DRY_DATA.get(cfg.data.name, ()), *DRY_COMMON]
             overrides += [f"model.{k}={v}" for k, v in DRY_MODEL.items() if k in cfg.model.options]
-            overrides += dry_positions(cfg)
+            overrides += dry_grid(cfg)
             billiard = dict(DRY_BILLIARD) if billiard is not None else None
             overrides = [f"{WARM_KEY}={dry_root / 'warm_start.pt'}" if o.startswith(WARM_KEY + "=") else o
                          for o in overrides]

@@ -179,6 +179,21 @@ def test_each_task_trains_into_run_folders_of_its_own(tmp_path):
         assert f"{learning.WARM_KEY}={learning.WARM_BILLIARD_S}" in plan.command()
 
 
+def test_dry_runs_fit_every_config_s_selection_into_the_small_grid(tmp_path):
+    # a 200x200 dry image has 16 patches of 50: a config keeping more (mnist_s_ips: M = 18) would refuse to start
+    from hrsel.config import load_config
+
+    for name, task in learning.TASKS.items():
+        for plan in learning.plan_runs(name, task, seeds=None, runs_dir=tmp_path, dry_run=True, dry_root=tmp_path):
+            cfg = load_config(REPO / "configs" / f"{plan.config}.yaml", list(plan.overrides))
+            cells, k = cfg.model.options.get("num_positions"), cfg.model.options.get("k")
+            if cells and k is not None:
+                assert k < cells, (name, plan.config, k, cells)
+    ips = learning.plan_runs("mnist-s-ips", learning.TASKS["mnist-s-ips"], seeds=[0], runs_dir=tmp_path,
+                             dry_run=True, dry_root=tmp_path)[0]
+    assert "model.num_positions=16" in ips.overrides and "model.k=8" in ips.overrides
+
+
 def test_a_task_is_saved_after_every_run_so_a_stopped_task_keeps_its_seeds(tmp_path, monkeypatch):
     values = iter([0.5, 0.7, 0.9])
 

@@ -12,8 +12,9 @@ compared under their new names: the snapshot passes through the same `rename_key
 Values changed on purpose since, in the snapshot too: manifest_example's data.tissue (true),
 data.val_fraction (0.2), model.backbone_options.norm (group) and optim.clip_norm (1.0), the
 README's sizing advice for one slide per batch (issue 24); mnist_s_ips's optim.weight_decay (0.1),
-optim.weight_decay_on (all), optim.lr (0.001), optim.warmup_epochs (10), train.epochs (150) and the
-aggregator's dropout (0.1): IPS's own settings (issue 25).
+optim.weight_decay_on (all), optim.lr (0.001), optim.warmup_epochs (10) and the aggregator's dropout
+(0.1): IPS's own settings; its model.k (18: IPS's ratio of M to inked patches) and train.epochs (100:
+what M = 18 fits in the task's CPU budget; issue 25).
 """
 from __future__ import annotations
 
