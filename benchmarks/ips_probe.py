@@ -16,8 +16,17 @@ MNIST (held out: never trained on) and records, over all their picks (B x M):
   that the patch index explains (variance of the per-position mean over the total);
 - `spread`: the encoder embeddings' spread across an image's patches, ||E - mean_n E|| / ||E|| over
   all N patches (1: no shared component; 0: every patch embedded alike);
+- `digits_found`: share of the canvases' digits (5 each) that at least one pick overlaps;
+- `majority_seen`: share of canvases where picks overlap at least 2 of the 3 majority-class digits
+  (enough to tell the majority from the 2 other digits);
 - `bn_var_min`: the encoder's smallest BatchNorm running variance (see `smallest_running_var`);
 - the random baseline of `inked` and `digit` (their share among all patches) once.
+
+With `--checkpoint RUN` it trains nothing: it measures a trained run's best.pt once, on `--images`
+canvases of `--split`, and splits its majority accuracy by `majority_seen` (a miss with the majority
+in view is the classifier's; one without it, the selection's):
+
+    python benchmarks/ips_probe.py --checkpoint runs/learning_ips_m18/mnist_s_ips_s0 --images 500 --label s0
 
 A run relapses when, after update `RELAPSE_AFTER`, `inked` falls below two thirds of its peak so far
 or `top_rows` exceeds 30% (the thresholds of issue 25). The record (`--json`, keyed by `--label`,
@@ -76,30 +85,47 @@ class ProbeSet:
         import torch
 
         items = [dataset[i] for i in range(min(n, len(dataset)))]
-        self.images = torch.stack([item["image"] for item in items]).float()  # (B, 1, H, W)
+        # (B, 1, H, W) in the data set's own dtype: the pipeline scales uint8 by 1/255 and takes float as is
+        self.images = torch.stack([item["image"] for item in items])
         b, _, h, w = self.images.shape
         self.cols, rows = w // patch, h // patch
         grid = self.images[:, 0, :rows * patch, :self.cols * patch].reshape(b, rows, patch, self.cols, patch)
         self.inked = (grid.amax(dim=(2, 4)) > 0).reshape(b, -1)  # (B, N)
-        digit = np.zeros((b, rows, self.cols), dtype=bool)
-        positions = np.asarray(dataset.labels["positions"][:b])  # (B, 5, 2) top-left (y, x)
-        for i, boxes in enumerate(positions):
-            for y, x in boxes:
+        positions = np.asarray(dataset.labels["positions"][:b])  # (B, D, 2) top-left (y, x), D = 5 digits
+        boxes = np.zeros((*positions.shape[:2], rows, self.cols), dtype=bool)  # (B, D, rows, cols)
+        for i, digits in enumerate(positions):
+            for d, (y, x) in enumerate(digits):
                 last_row, last_col = min(rows - 1, (y + 27) // patch), min(self.cols - 1, (x + 27) // patch)
-                digit[i, y // patch:last_row + 1, x // patch:last_col + 1] = True
-        self.digit = torch.from_numpy(digit.reshape(b, -1))
+                boxes[i, d, y // patch:last_row + 1, x // patch:last_col + 1] = True
+        self.boxes = torch.from_numpy(boxes.reshape(*boxes.shape[:2], -1))  # (B, D, N)
+        self.digit = self.boxes.any(dim=1)  # (B, N)
+        majority = np.asarray(dataset.labels["majority"][:b])  # (B,)
+        self.is_majority = torch.from_numpy(np.asarray(dataset.labels["digits"][:b]) == majority[:, None])  # (B, D)
+        self.majority = torch.from_numpy(majority)
 
-    def measure(self, pipeline) -> dict[str, float]:
+    def hits(self, picks):
+        """(B, D) whether any of an image's picks (B, M) overlaps each of its digits."""
+        b, d, n = self.boxes.shape
+        return self.boxes.gather(2, picks[:, None, :].expand(b, d, picks.shape[1])).any(dim=2)
+
+    def majority_seen(self, picks):
+        """(B,) whether the picks overlap at least 2 of the image's 3 majority-class digits."""
+        return (self.hits(picks) & self.is_majority).sum(dim=1) >= 2
+
+    def run(self, pipeline):
         import torch
 
         was_training = pipeline.training
         pipeline.eval()
         try:
             with torch.no_grad():
-                out = pipeline(self.images)
-                spread = embedding_spread(pipeline, self.images)
+                return pipeline(self.images), embedding_spread(pipeline, self.images)
         finally:
             pipeline.train(was_training)
+
+    def measure(self, pipeline, out=None, spread=None) -> dict[str, float]:
+        if out is None:
+            out, spread = self.run(pipeline)
         picks = out.indices.clamp(min=0)  # (B, M)
         logs = out.scores.clamp(min=1e-30).log()  # (B, N)
         centred = logs - logs.mean(dim=1, keepdim=True)
@@ -107,6 +133,8 @@ class ProbeSet:
         return {"inked": self.inked.gather(1, picks).float().mean().item(),
                 "digit": self.digit.gather(1, picks).float().mean().item(),
                 "top_rows": (picks // self.cols < 2).float().mean().item(),
+                "digits_found": self.hits(picks).float().mean().item(),
+                "majority_seen": self.majority_seen(picks).float().mean().item(),
                 "position_r2": centred.mean(dim=0).var(unbiased=False).item() / total if total > 0 else 0.0,
                 "spread": spread, "bn_var_min": smallest_running_var(pipeline.classifier.backbone)}
 
@@ -177,6 +205,32 @@ def train_and_probe(trainer, probe: ProbeSet, *, updates: int, every: int) -> li
     return curve
 
 
+def probe_checkpoint(path: str, *, images: int, split: str | None, data_root: str | None) -> tuple[dict, dict]:
+    """A trained run's selection and its majority accuracy split by whether the majority was in view."""
+    import dataclasses
+
+    from hrsel.inference.load import load_model
+    from hrsel.train import open_split
+
+    loaded = load_model(path)
+    cfg = loaded.config
+    if data_root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
+    dataset = open_split(cfg, split or cfg.data.eval_split, for_eval=True)
+    probe = ProbeSet(dataset, images, loaded.pipeline.patch_size)
+    out, spread = probe.run(loaded.pipeline)
+    point = {"step": int(loaded.train_state.get("step", -1)), **probe.measure(loaded.pipeline, out, spread)}
+    right = out.logits["majority"].argmax(dim=1) == probe.majority  # (B,)
+    seen = probe.majority_seen(out.indices.clamp(min=0))  # (B,)
+    point["majority_accuracy"] = right.float().mean().item()
+    for name, where in (("seen", seen), ("unseen", ~seen)):
+        point[f"majority_accuracy_{name}"] = right[where].float().mean().item() if where.any() else None
+        point[f"images_{name}"] = int(where.sum())
+    base = {"inked": probe.inked.float().mean().item(), "digit": probe.digit.float().mean().item()}
+    print(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items()), flush=True)
+    return point, base
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "mnist_s_ips.yaml"))
@@ -188,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="data.root (default: the config's)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--dry-run", action="store_true", help="tiny canvases, 6 updates")
+    p.add_argument("--checkpoint", default=None, metavar="RUN",
+                   help="measure this run folder's best.pt (or a .pt file) once instead of training")
+    p.add_argument("--split", default=None, help="with --checkpoint: the split probed (default: the run's test split)")
     a = p.parse_args(argv)
+    if a.checkpoint:
+        point, base = probe_checkpoint(a.checkpoint, images=a.images, split=a.split, data_root=a.data_root)
+        return save(a, argv, {"checkpoint": a.checkpoint, "split": a.split, "probe_images": a.images,
+                              "random": base, "trained": point})
     with tempfile.TemporaryDirectory() as tmp:
         overrides = list(a.set) + ["train.progress_bar=false", "eval.pictures=0"]
         if a.dry_run:
@@ -205,13 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         curve = train_and_probe(trainer, probe, updates=a.updates, every=a.every)
     verdict = relapsed(curve)
     print(f"{a.label}: " + (f"relapsed: {verdict}" if verdict else "no relapse"))
+    return save(a, argv, {"config": os.path.relpath(a.config, REPO), "overrides": a.set, "updates": a.updates,
+                          "planned_updates": trainer.total_steps, "probe_images": a.images, "random": base,
+                          "relapse": verdict, "curve": curve, "dry_run": a.dry_run})
+
+
+def save(a: argparse.Namespace, argv: list[str] | None, entry: dict) -> int:
+    """Add `entry` under `--label` to the `--json` record (probes accumulate), with machine, date and command."""
     record = json.loads(a.json.read_text()) if a.json.is_file() else {}
-    record[a.label] = {"config": os.path.relpath(a.config, REPO), "overrides": a.set, "updates": a.updates,
-                       "planned_updates": trainer.total_steps, "probe_images": a.images, "random": base,
-                       "relapse": verdict, "curve": curve, "dry_run": a.dry_run, "machine": describe(),
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "command": "python benchmarks/ips_probe.py "
-                                  + " ".join(argv if argv is not None else sys.argv[1:])}
+    record[a.label] = {**entry, "machine": describe(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": "python benchmarks/ips_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(record, indent=1))
     print(f"wrote {a.json}")

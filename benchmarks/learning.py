@@ -125,7 +125,7 @@ WARM_BILLIARD_S = "data/warm_start/billiard_s_narrow_resnet32_patch50.pt"
 BILLIARD_S = {"size": 500, "n_train": 4000, "n_valid": 500, "n_test": 1000}
 TASKS: dict[str, Task] = {
     "mnist-s-ips": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy", seeds=(0, 1, 2), minutes=360.0,
-                        note="IPS, Megapixel MNIST 500x500, N = 100, M = 10; max/top/multi-exact reported"),
+                        note="IPS, Megapixel MNIST 500x500, N = 100, M = 18; max/top/multi-exact reported"),
     "mnist-s-ips-warm": Task(("mnist_s_ips",), at_least(0.90), "majority/accuracy",
                              overrides=(f"{WARM_KEY}={WARM_MNIST_S}",), suffix="_warm",
                              note="mnist-s-ips with the patch encoder warm-started on single train-pool digits "

@@ -154,7 +154,8 @@ def test_ips_probe_dry_run(tmp_path):
     assert probe["dry_run"] and probe["machine"]["cpu_model"] and probe["probe_images"] == 8
     assert [p["step"] for p in probe["curve"]] == [0, 3, 6]
     for point in probe["curve"]:
-        assert all(0.0 <= point[k] <= 1.0 for k in ("inked", "digit", "top_rows", "position_r2"))
+        assert all(0.0 <= point[k] <= 1.0 for k in ("inked", "digit", "top_rows", "position_r2", "digits_found",
+                                                    "majority_seen"))
         assert 0.0 < point["spread"] <= 1.0
         assert point["bn_var_min"] is None or point["bn_var_min"] >= 0.0
     assert 0.0 < probe["random"]["digit"] < 1.0 and 0.0 < probe["random"]["inked"] < 1.0  # both kinds of patch exist
@@ -167,6 +168,61 @@ def load_probe():
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     return probe
+
+
+def test_ips_probe_digit_hits_follow_the_boxes():
+    import numpy as np
+    import torch
+
+    probe = load_probe()
+    labels = {"positions": [[[0, 0], [0, 60], [60, 0], [60, 60], [30, 30]]],  # 5 digits on a 100 x 100 canvas
+              "digits": [[4, 4, 4, 1, 2]], "majority": [4]}
+    data = type("Canvases", (), {"labels": labels, "__getitem__": lambda self, i: {"image": torch.zeros(1, 100, 100)},
+                                 "__len__": lambda self: 1})()
+    ps = probe.ProbeSet(data, 1, patch=50)  # 2 x 2 grid: digit d < 4 in cell d, digit 4 across all four
+    assert ps.boxes[0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
+    assert ps.hits(torch.tensor([[3]])).tolist() == [[False, False, False, True, True]]
+    assert not ps.majority_seen(torch.tensor([[3]])).item()  # the 1 and the 2 in view, none of the three 4s
+    assert not ps.majority_seen(torch.tensor([[0, 3]])).item()  # one 4 only
+    assert ps.majority_seen(torch.tensor([[1, 2]])).item()  # two of the three 4s
+    assert np.array_equal(ps.hits(torch.tensor([[0]]))[0].numpy(), [True, False, False, False, True])
+
+
+def test_ips_probe_measures_a_trained_checkpoint(tmp_path):
+    from hrsel.train import main as train_main
+
+    probe = load_probe()
+    overrides = [*probe.DRY, f"data.root={tmp_path / 'data'}", "train.epochs=1", "train.progress_bar=false",
+                 "eval.pictures=0", "device=cpu"]
+    assert train_main([str(REPO / "configs" / "mnist_s_ips.yaml"), *overrides,
+                       f"--output-dir={tmp_path / 'runs'}"]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    out = tmp_path / "probe.json"
+    assert probe.main(["--checkpoint", str(run_dir), "--images", "16", "--label", "trained", "--json", str(out)]) == 0
+    entry = json.loads(out.read_text())["trained"]
+    point = entry["trained"]
+    assert entry["probe_images"] == 16 and entry["machine"]["cpu_model"] and point["step"] >= 1
+    assert point["images_seen"] + point["images_unseen"] == 16
+    assert 0.0 <= point["digits_found"] <= 1.0
+    # the probe sees the images as the trainer does (uint8 scaled by the pipeline; a float copy would be 255x)
+    trainer_test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert trainer_test["items"] == 16
+    assert abs(point["majority_accuracy"] - trainer_test["metrics"]["majority/accuracy"]) < 1e-6
+    parts = [(point[f"majority_accuracy_{k}"], point[f"images_{k}"]) for k in ("seen", "unseen")]
+    assert abs(sum(acc * n for acc, n in parts if n) / 16 - point["majority_accuracy"]) < 1e-6
+    # and its logits are the ones the trainer's collated batch gives
+    import torch
+
+    from hrsel.data.collate import collate
+    from hrsel.inference.load import load_model
+    from hrsel.train import open_split
+
+    loaded = load_model(run_dir)
+    test = open_split(loaded.config, loaded.config.data.eval_split, for_eval=True)
+    with torch.no_grad():
+        want = loaded.pipeline(collate([test[i] for i in range(4)])["images"]).logits["majority"]
+    got = probe.ProbeSet(test, 4, loaded.pipeline.patch_size).run(loaded.pipeline)[0].logits["majority"]
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_ips_probe_relapse_rule():
