@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import describe  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "local" / "ips_probe_cpu.json"
+LABEL_KEYS = ("positions", "digits", "majority")  # labels.json keys the probe reads
 RELAPSE_AFTER = 150  # updates: the shipped config's learning rate peaks at 169
 DRY = ["data.generate.n_train=64", "data.generate.n_test=16", "data.generate.width=200", "data.generate.height=200",
        "data.eval_batch_size=8", "model.num_positions=16", "model.k=8"]  # a 4 x 4 grid
@@ -84,6 +85,14 @@ class ProbeSet:
         import numpy as np
         import torch
 
+        from hrsel.errors import DataError
+
+        labels = getattr(dataset, "labels", None)
+        missing = [k for k in LABEL_KEYS if not isinstance(labels, dict) or k not in labels]
+        if missing:
+            raise DataError(f"ips_probe measures Megapixel MNIST canvases: the data set {type(dataset).__name__} "
+                            f"({getattr(dataset, 'root', '?')}) has no labels {missing} (labels.json keys "
+                            f"{LABEL_KEYS}); probe a run or config of hrsel's megapixel_mnist data")
         items = [dataset[i] for i in range(min(n, len(dataset)))]
         # (B, 1, H, W) in the data set's own dtype: the pipeline scales uint8 by 1/255 and takes float as is
         self.images = torch.stack([item["image"] for item in items])
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure this run folder's best.pt (or a .pt file) once instead of training")
     p.add_argument("--split", default=None, help="with --checkpoint: the split probed (default: the run's test split)")
     a = p.parse_args(argv)
+    if a.split and not a.checkpoint:
+        p.error("--split chooses the split a --checkpoint is measured on; training probes use the config's test split")
     if a.checkpoint:
         point, base = probe_checkpoint(a.checkpoint, images=a.images, split=a.split, data_root=a.data_root)
         return save(a, argv, {"checkpoint": a.checkpoint, "split": a.split, "probe_images": a.images,

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -188,8 +190,29 @@ def test_ips_probe_digit_hits_follow_the_boxes():
     assert np.array_equal(ps.hits(torch.tensor([[0]]))[0].numpy(), [True, False, False, False, True])
 
 
+def test_ips_probe_names_data_without_digit_labels(capsys):
+    import torch
+
+    from hrsel.errors import DataError
+
+    probe = load_probe()
+    data = type("Slides", (), {"labels": {"majority": [1]}, "root": "/data/slides",
+                               "__getitem__": lambda self, i: {"image": torch.zeros(1, 100, 100)},
+                               "__len__": lambda self: 1})()
+    with pytest.raises(DataError, match=r"/data/slides.*no labels \['positions', 'digits'\].*megapixel_mnist"):
+        probe.ProbeSet(data, 1, patch=50)
+    with pytest.raises(SystemExit):
+        probe.main(["--split", "train"])  # no --checkpoint: refused before anything trains
+    assert "--split chooses" in capsys.readouterr().err
+
+
 def test_ips_probe_measures_a_trained_checkpoint(tmp_path):
+    import torch
+
+    from hrsel.data.collate import collate
+    from hrsel.inference.load import load_model
     from hrsel.train import main as train_main
+    from hrsel.train import open_split
 
     probe = load_probe()
     overrides = [*probe.DRY, f"data.root={tmp_path / 'data'}", "train.epochs=1", "train.progress_bar=false",
@@ -211,12 +234,6 @@ def test_ips_probe_measures_a_trained_checkpoint(tmp_path):
     parts = [(point[f"majority_accuracy_{k}"], point[f"images_{k}"]) for k in ("seen", "unseen")]
     assert abs(sum(acc * n for acc, n in parts if n) / 16 - point["majority_accuracy"]) < 1e-6
     # and its logits are the ones the trainer's collated batch gives
-    import torch
-
-    from hrsel.data.collate import collate
-    from hrsel.inference.load import load_model
-    from hrsel.train import open_split
-
     loaded = load_model(run_dir)
     test = open_split(loaded.config, loaded.config.data.eval_split, for_eval=True)
     with torch.no_grad():
